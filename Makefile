@@ -12,7 +12,7 @@ DEMO_OUT ?= demo-out
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install comfyui bench clean
+.PHONY: demo test test-comfyui-e2e lint install comfyui bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: install
 
 test: install comfyui
 	$(BIN)/python -m pytest
+
+# SD1.5 workflows end to end in a real ComfyUI on a random-weight SD1.5 checkpoint (built once into
+# ~/.cache/ganrm/test-models: about 80 s, 10.6 GB peak memory, 2.1 GB disk; the tests then take 2-4 minutes).
+test-comfyui-e2e: install comfyui
+	GANRM_COMFYUI_E2E=1 $(BIN)/python -m pytest tests/test_comfyui_workflows.py
 
 lint: install
 	$(BIN)/ruff check .

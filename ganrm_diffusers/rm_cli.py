@@ -13,9 +13,9 @@ from ganrm_diffusers.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from ganrm_diffusers.embedding_cache import EmbeddingCache
 from ganrm_diffusers.errors import GanrmError
 from ganrm_diffusers.images import list_image_files, load_image_folder
-from ganrm_diffusers.plots import plot_training_curves, score_grid
+from ganrm_diffusers.plots import score_grid
 from ganrm_diffusers.reward_model import GANRewardModel
-from ganrm_diffusers.rm_training import RewardTrainingConfig, fit_reward_model
+from ganrm_diffusers.rm_training import RewardTrainingConfig, fit_reward_model, save_training_outputs
 
 
 def default_device() -> str:
@@ -142,9 +142,7 @@ def train_command(args: argparse.Namespace) -> int:
         strict=args.strict,
         description=args.description or f"images from {args.positives.name}",
     )
-    model.save_pretrained(args.out)
-    (args.out / "metrics.json").write_text(json.dumps({"metrics": report.metrics, "rounds": report.rounds}, indent=2))
-    plot_training_curves(report.history, args.out / "training_curves.png")
+    save_training_outputs(model, report, args.out)
     print(f"reward model written to {args.out}")
     for row in report.rounds:
         print(

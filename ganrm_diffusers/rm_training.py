@@ -9,6 +9,7 @@ Validation always uses a fixed held-out split of the original, hard-labelled ima
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from ganrm_diffusers.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from ganrm_diffusers.embedding_cache import EmbeddingCache, embed_files
 from ganrm_diffusers.errors import ImageInputError
+from ganrm_diffusers.plots import plot_training_curves
 from ganrm_diffusers.reward_model import GANRewardModel
 
 logger = logging.getLogger(__name__)
@@ -383,3 +385,12 @@ def fit_reward_model(
     }
     model.register_to_config(training=summary)
     return model, FitReport(metrics=result.metrics, history=history, rounds=rounds, dataset=dataset, split=split)
+
+
+def save_training_outputs(model: GANRewardModel, report: FitReport, folder: str | Path) -> Path:
+    """Write a training run's checkpoint, `metrics.json` and `training_curves.png` into `folder`; returns the PNG."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    metrics = {"metrics": report.metrics, "rounds": report.rounds}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return plot_training_curves(report.history, folder / "training_curves.png")

@@ -114,6 +114,7 @@ def comfyui_source() -> Path:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+    assert comfyui_support.comfyui_version(tree) == comfyui_support.COMFYUI_VERSION, f"{tree} is another ComfyUI"
     return tree
 
 
@@ -153,16 +154,18 @@ def comfyui(tmp_path_factory: pytest.TempPathFactory, comfyui_source: Path, comf
     """ComfyUI imported into the test process (once per session) with the ganrm pack loaded by its own loader."""
     import comfyui_support
 
-    tree = prepare_comfyui_tree(comfyui_source, tmp_path_factory.mktemp("comfyui_inprocess") / "comfyui",
-                                comfyui_reward_models)
+    tree = prepare_comfyui_tree(
+        comfyui_source, tmp_path_factory.mktemp("comfyui_inprocess") / "comfyui", comfyui_reward_models
+    )
     instance = comfyui_support.InProcessComfyUI(tree).start()
     instance.pack_loaded = instance.load_pack(tree / "custom_nodes" / comfyui_support.PACK_NAME)
     return instance
 
 
 @pytest.fixture(scope="module")
-def comfyui_server(tmp_path_factory: pytest.TempPathFactory, comfyui_source: Path,
-                   comfyui_reward_models: dict[str, Path]):
+def comfyui_server(
+    tmp_path_factory: pytest.TempPathFactory, comfyui_source: Path, comfyui_reward_models: dict[str, Path]
+):
     """`main.py --cpu` on a free loopback port with the ganrm pack; stopped after the test module."""
     import comfyui_support
 
