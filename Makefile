@@ -47,8 +47,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Speed targets, each a ratio measured side by side in one run (bench/train_step.py compares with diffusers' DPO
+# script when given --diffusers-script PATH; see its docstring).
 bench: install
 	$(BIN)/python bench/scoring.py
+	$(BIN)/python bench/best_of_n.py
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

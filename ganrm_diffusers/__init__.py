@@ -19,6 +19,15 @@ _EXPORTS = {
     "Selection": "ganrm_diffusers.selection",
     "select_top_k": "ganrm_diffusers.selection",
     "GanrmError": "ganrm_diffusers.errors",
+    "RewardGuidedPipeline": "ganrm_diffusers.pipeline",
+    "RewardGuidedXLPipeline": "ganrm_diffusers.pipeline",
+    "RewardGuidedPipelineOutput": "ganrm_diffusers.pipeline",
+    "load_reward_guided_pipeline": "ganrm_diffusers.pipeline",
+    "PruneSchedule": "ganrm_diffusers.pruning",
+    "FKResampling": "ganrm_diffusers.pruning",
+    "SampleSettings": "ganrm_diffusers.candidates",
+    "generate_candidates": "ganrm_diffusers.candidates",
+    "write_candidate_folder": "ganrm_diffusers.candidates",
 }
 
 __all__ = sorted(_EXPORTS)

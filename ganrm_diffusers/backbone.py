@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import open_clip
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ganrm_diffusers.atomic import write_text_atomic
 from ganrm_diffusers.errors import CheckpointError
 from ganrm_diffusers.images import pixel_batches
 from ganrm_diffusers.paths import cache_dir
@@ -45,10 +45,7 @@ def _config_dir(model_cfg: dict, preprocess_cfg: dict) -> Path:
     payload = json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, sort_keys=True)
     folder = cache_dir() / "open_clip_configs" / hashlib.sha256(payload.encode()).hexdigest()[:20]
     if not (folder / "open_clip_config.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".open_clip_config.json.{os.getpid()}"
-        temporary.write_text(payload)
-        os.replace(temporary, folder / "open_clip_config.json")
+        write_text_atomic(folder / "open_clip_config.json", payload)
     return folder
 
 

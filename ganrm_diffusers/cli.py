@@ -12,7 +12,13 @@ from ganrm_diffusers.errors import GanrmError
 
 # Modules that add sub-commands. Each exposes `add_commands(subparsers)`; every sub-command stores its
 # handler in `func` (a callable taking the parsed namespace and returning an exit code).
-COMMAND_MODULES: tuple[str, ...] = ("ganrm_diffusers.rm_cli",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "ganrm_diffusers.rm_cli",
+    "ganrm_diffusers.sample_cli",
+    "ganrm_diffusers.train_cli",
+    "ganrm_diffusers.world.cli",
+    "ganrm_diffusers.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,17 +7,16 @@ Each entry is a small safetensors file written atomically, so concurrent runs ne
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ganrm_diffusers.atomic import save_tensors_atomic
 from ganrm_diffusers.backbone import ClipBackbone
 from ganrm_diffusers.errors import ImageInputError
 from ganrm_diffusers.images import file_digest, list_image_files, load_image, read_prompts
@@ -57,15 +56,7 @@ class EmbeddingCache:
 
     def put(self, encoder: ClipBackbone, digest: str, embedding: torch.Tensor) -> None:
         entry = self._entry(encoder, digest)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-        os.close(descriptor)
-        try:
-            save_file({"embedding": embedding.detach().float().cpu().contiguous()}, temporary)
-            os.replace(temporary, entry)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        save_tensors_atomic(entry, {"embedding": embedding.float()})
 
 
 def embed_files(

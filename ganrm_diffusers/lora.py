@@ -13,9 +13,7 @@ Files of a run (both safetensors, both written atomically, both carrying the bas
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +26,7 @@ from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_dif
 from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from diffusers.utils.torch_utils import unwrap_module
 
+from ganrm_diffusers.atomic import save_tensors_atomic
 from ganrm_diffusers.errors import CheckpointError, LoraCompatibilityError
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -51,7 +50,9 @@ ARCHITECTURE_KEYS = (
     "addition_embed_type",
 )
 
-_UNET_KEY = re.compile(r"^(?:unet\.)?(?P<module>.+?)\.(?P<part>lora\.down|lora\.up|lora_A|lora_B)(?:\.default)?\.weight$")
+_UNET_KEY = re.compile(
+    r"^(?:unet\.)?(?P<module>.+?)\.(?P<part>lora\.down|lora\.up|lora_A|lora_B)(?:\.default)?\.weight$"
+)
 _KOHYA_KEY = re.compile(r"^lora_unet_(?P<module>[^.]+)\.(?P<part>lora_down|lora_up)\.weight$")
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _IGNORED_KEY = re.compile(r"^(text_encoder|text_encoder_2|lora_te\d?)[._]|\.alpha$|\.dora_scale$|lora_magnitude_vector")
@@ -160,24 +161,13 @@ def save_lora(
     lora_config = {f"unet.{key}": value for key, value in model.peft_config[adapter_name].to_dict().items()}
     lora_config = json.dumps(lora_config, sort_keys=True, default=list)  # target_modules is a set
     diffusers_path, comfyui_path = output_dir / DIFFUSERS_WEIGHT_NAME, output_dir / COMFYUI_WEIGHT_NAME
-    _save_file_atomic(
-        diffusers_state,
+    save_tensors_atomic(
         diffusers_path,
-        {BASE_MODEL_METADATA_KEY: fingerprint, LORA_ADAPTER_METADATA_KEY: lora_config},
+        diffusers_state,
+        {"format": "pt", BASE_MODEL_METADATA_KEY: fingerprint, LORA_ADAPTER_METADATA_KEY: lora_config},
     )
-    _save_file_atomic(kohya_state, comfyui_path, {BASE_MODEL_METADATA_KEY: fingerprint})
+    save_tensors_atomic(comfyui_path, kohya_state, {"format": "pt", BASE_MODEL_METADATA_KEY: fingerprint})
     return diffusers_path, comfyui_path
-
-
-def _save_file_atomic(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        safetensors.torch.save_file(state_dict, temporary, metadata={"format": "pt", **metadata})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def resolve_lora_file(lora: str | Path, weight_name: str | None = None) -> Path:
@@ -205,7 +195,9 @@ def resolve_lora_file(lora: str | Path, weight_name: str | None = None) -> Path:
     try:
         return Path(hf_hub_download(str(lora), weight_name or DIFFUSERS_WEIGHT_NAME))
     except Exception as error:  # offline, unknown repo, missing file: all mean "no such LoRA" to the user
-        raise CheckpointError(f"LoRA {lora} is no local file or folder, nor a Hub repo with that file: {error}") from error
+        raise CheckpointError(
+            f"LoRA {lora} is no local file or folder, nor a Hub repo with that file: {error}"
+        ) from error
 
 
 def read_lora(

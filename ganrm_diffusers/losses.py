@@ -57,9 +57,7 @@ class DPOLoss(NamedTuple):
     implicit_accuracy: torch.Tensor  # the share of pairs whose winner the model already favours more than the reference
 
 
-def diffusion_dpo_loss(
-    model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float
-) -> DPOLoss:
+def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float) -> DPOLoss:
     """Diffusion-DPO (Wallace et al. 2024) on a batch of 2N: the N winners first, then their N losers, noised with
     the same noise and timesteps. model_pred and ref_pred are the trained and reference UNet's predictions, target
     the training target (the noise, or the velocity for v-prediction).

@@ -94,3 +94,38 @@ def plot_training_curves(history: Sequence[dict], path: str | Path, title: str =
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_metric_curves(
+    records: Sequence[dict],
+    panels: Sequence[tuple[str, Sequence[str]]],
+    path: str | Path,
+    title: str = "fine-tuning",
+    x_key: str = "step",
+) -> Path:
+    """One panel per (title, metric keys) of a trainer's metrics records, against `x_key`; missing values skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for axis, (panel_title, keys) in zip(axes[0], panels, strict=True):
+        for key in keys:
+            points = [(row[x_key], row[key]) for row in records if row.get(key) is not None and x_key in row]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                axis.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=key)
+        values = [y for line in axis.lines for y in line.get_ydata()]
+        if values and min(values) > 0 and max(values) > 100 * min(values):
+            axis.set_yscale("log")  # e.g. PRDP's loss, which falls by orders of magnitude
+        axis.set(xlabel=x_key, title=panel_title)
+        if axis.lines:
+            axis.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -20,9 +20,10 @@ from diffusers.configuration_utils import register_to_config
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ganrm_diffusers.atomic import atomic_path, save_tensors_atomic, write_text_atomic
 from ganrm_diffusers.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, ClipBackbone
 from ganrm_diffusers.errors import CheckpointError, ImageInputError
 
@@ -186,9 +187,10 @@ class GANRewardModel(ModelMixin, ConfigMixin):
         tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
         self.register_to_config(backbone_in_checkpoint=bool(save_backbone))
 
-        _write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-        _write_atomically(folder / CONFIG_NAME, lambda path: Path(path).write_text(self.to_json_string()))
-        _write_atomically(folder / CARD_NAME, lambda path: make_model_card(self).save(path))
+        save_tensors_atomic(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_text_atomic(folder / CONFIG_NAME, self.to_json_string())
+        with atomic_path(folder / CARD_NAME) as temporary:
+            make_model_card(self).save(temporary)
         if push_to_hub:
             self.push_to_hub(repo_id or folder.name)
 
@@ -264,18 +266,6 @@ class GANRewardModel(ModelMixin, ConfigMixin):
 
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoint helpers
-
-
-def _write_atomically(path: Path, write: object) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def resolve_checkpoint_folder(

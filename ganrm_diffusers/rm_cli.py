@@ -8,7 +8,9 @@ import random
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from ganrm_diffusers.atomic import save_png_atomic, write_text_atomic
 from ganrm_diffusers.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from ganrm_diffusers.embedding_cache import EmbeddingCache
 from ganrm_diffusers.errors import GanrmError
@@ -38,7 +40,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "from your model's generations (negatives). Writes the checkpoint, metrics.json and training_curves.png.",
     )
     train.add_argument("--positives", required=True, type=Path, help="folder of target images (a few hundred)")
-    train.add_argument("--negatives", required=True, type=Path, help="folder of images your model generates today")
+    train.add_argument("--negatives", type=Path, help="folder of images your model generates today")
+    sample = train.add_argument_group(
+        "negatives sampled here (instead of --negatives)",
+        "Sample the negatives from your diffusers pipeline: they are written to OUT/negatives (with metadata.jsonl) "
+        "and kept, so a second run reuses them.",
+    )
+    sample.add_argument("--pipeline", help="diffusers pipeline folder or Hub id to sample the negatives from")
+    sample.add_argument("--prompts", type=Path, help="text file, one prompt per line")
+    sample.add_argument("--negatives-per-prompt", type=int, default=4)
+    sample.add_argument("--num-inference-steps", type=int, default=30)
+    sample.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
     train.add_argument(
         "--pool", type=Path, help="folder of further generations for bootstrapping rounds (split across --rounds)"
     )
@@ -110,6 +122,43 @@ def _pools(pool: Path | None, rounds: int, seed: int) -> list[list[Path]] | None
     return [files[index::rounds] for index in range(rounds)]
 
 
+def _sample_negatives(args: argparse.Namespace) -> Path:
+    """Sample `--negatives-per-prompt` images per prompt from `--pipeline` into OUT/negatives (resumable: images
+    already there are kept), with a metadata.jsonl that gives each file's prompt and seed."""
+    if not args.pipeline or not args.prompts:
+        raise GanrmError("train-rm needs negatives: --negatives DIR, or --pipeline and --prompts to sample them")
+    from diffusers import DiffusionPipeline
+
+    from ganrm_diffusers.candidates import read_prompts_file
+
+    prompts = read_prompts_file(args.prompts)
+    folder = args.out / "negatives"
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    records = []
+    for index, prompt in enumerate(tqdm(prompts, desc="sampling negatives", unit="prompt")):
+        seeds = [args.seed + index * args.negatives_per_prompt + number for number in range(args.negatives_per_prompt)]
+        names = [f"{index:05d}_{number:02d}.png" for number in range(args.negatives_per_prompt)]
+        records += [
+            {"file_name": name, "prompt": prompt, "seed": seed} for name, seed in zip(names, seeds, strict=True)
+        ]
+        if all((folder / name).is_file() for name in names):
+            continue
+        images = pipe(
+            prompt,
+            num_images_per_prompt=len(seeds),
+            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+            num_inference_steps=args.num_inference_steps,
+            **extra,
+        ).images
+        for name, image in zip(names, images, strict=True):
+            save_png_atomic(image, folder / name)
+    write_text_atomic(folder / "metadata.jsonl", "".join(json.dumps(record) + "\n" for record in records))
+    return folder
+
+
 def train_command(args: argparse.Namespace) -> int:
     config = RewardTrainingConfig(
         max_epochs=args.epochs,
@@ -125,6 +174,7 @@ def train_command(args: argparse.Namespace) -> int:
         bootstrap_alpha=args.bootstrap_alpha,
     )
     pools = _pools(args.pool, args.rounds, args.seed)
+    negatives = args.negatives or _sample_negatives(args)
     model = GANRewardModel(
         backbone=args.backbone,
         pretrained=args.pretrained,
@@ -134,7 +184,7 @@ def train_command(args: argparse.Namespace) -> int:
     ).to(args.device)
     model, report = fit_reward_model(
         args.positives,
-        args.negatives,
+        negatives,
         model=model,
         config=config,
         pools=pools,

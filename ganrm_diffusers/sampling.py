@@ -45,6 +45,16 @@ class Conditioning:
     def select(self, index) -> Conditioning:
         return Conditioning(**{f.name: _take(getattr(self, f.name), index) for f in fields(self)})
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[Conditioning]) -> Conditioning:
+        """The conditioning of all samples of `parts`, in order (all parts built alike)."""
+
+        def joined(name: str) -> torch.Tensor | None:
+            values = [getattr(part, name) for part in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return cls(**{f.name: joined(f.name) for f in fields(cls)})
+
     def unet_kwargs(self, guided: bool) -> dict:
         """Keyword arguments of one UNet call; a guided batch is [unconditional; conditional], as in diffusers."""
 
@@ -126,7 +136,9 @@ def ddim_step_with_log_prob(
     # The scheduler's own step with zero noise is mu: it handles the prediction type and x0 clipping/thresholding.
     # In float32 even for half-precision models: late steps have a small sigma, and mu's rounding would dominate.
     noise_pred, sample = noise_pred.float(), sample.float()
-    mean = scheduler.step(noise_pred, timestep, sample, eta=eta, variance_noise=torch.zeros_like(noise_pred)).prev_sample
+    mean = scheduler.step(
+        noise_pred, timestep, sample, eta=eta, variance_noise=torch.zeros_like(noise_pred)
+    ).prev_sample
     std = ddim_step_std(scheduler, timestep, eta)
     if prev_sample is None:
         prev_sample = mean.detach()
@@ -318,13 +330,20 @@ class DDIMLogProbSampler:
         """
         prompts, seeds = list(prompts), [int(seed) for seed in seeds]
         if not prompts or len(seeds) % len(prompts):
-            raise ValueError(f"need a whole number of seeds per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+            raise ValueError(
+                f"need a whole number of seeds per prompt, got {len(seeds)} seeds for {len(prompts)} prompts"
+            )
         per_prompt = len(seeds) // len(prompts)
         pipe, unet = self.pipe, unet or self.pipe.unet
         height, width = self._image_size(height, width)
         conditioning = self.encode_prompts(prompts, per_prompt, negative_prompt, height, width)
         generators = [torch.Generator(self.generator_device).manual_seed(seed) for seed in seeds]
-        shape = (len(seeds), pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        shape = (
+            len(seeds),
+            pipe.unet.config.in_channels,
+            height // pipe.vae_scale_factor,
+            width // pipe.vae_scale_factor,
+        )
         dtype = conditioning.prompt_embeds.dtype
         latents = randn_tensor(shape, generator=generators, device=pipe.device, dtype=dtype)
         latents = latents * self.scheduler.init_noise_sigma
@@ -359,7 +378,9 @@ class DDIMLogProbSampler:
         return ddim_step_with_log_prob(self.scheduler, noise_pred, timestep, sample, self.eta, prev_sample)[1]
 
     @torch.no_grad()
-    def reference_log_prob(self, trajectory: Trajectory, step: int, unet: torch.nn.Module | None = None) -> torch.Tensor:
+    def reference_log_prob(
+        self, trajectory: Trajectory, step: int, unet: torch.nn.Module | None = None
+    ) -> torch.Tensor:
         """`log_prob` under the reference model: the same UNet with its LoRA adapters disabled."""
         unet = unet or self.pipe.unet
         with adapters_disabled(unet):

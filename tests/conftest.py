@@ -42,7 +42,9 @@ def write_tiny_clip(folder: Path, seed: int = 0, config: dict | None = None) -> 
     (folder / "open_clip_config.json").write_text(json.dumps(payload))
     torch.manual_seed(seed)
     model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
-    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    save_file(
+        {key: value.contiguous() for key, value in model.state_dict().items()}, folder / "open_clip_model.safetensors"
+    )
     return folder
 
 
@@ -173,3 +175,18 @@ def comfyui_server(
     tree = prepare_comfyui_tree(comfyui_source, workdir / "comfyui", comfyui_reward_models)
     with comfyui_support.running_server(tree, workdir / "server.log") as server:
         yield server
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The embedded digits world (ganrm_diffusers.world), reduced preset: the same code as the full world, in seconds
+
+
+@pytest.fixture(scope="session")
+def reduced_world(tmp_path_factory: pytest.TempPathFactory):
+    """A reduced world built once per session from seed 0: `world.pipeline_dir` loads with
+    StableDiffusionPipeline.from_pretrained, `world.backbone` is its open_clip local-dir, `world.judges` judge
+    images, `world.target_dir` / `world.heldout_target_dir` / `world.heldout_other_dir` hold real digits as PNG.
+    Its generator is barely trained: use it for code paths, not for quality figures."""
+    from ganrm_diffusers.world import build_world, load_world
+
+    return load_world(build_world(tmp_path_factory.mktemp("world") / "world", seed=0, preset="reduced"))

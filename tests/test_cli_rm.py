@@ -151,3 +151,38 @@ def test_push_uploads_the_folder(trained, monkeypatch, capsys):
     assert set(uploaded) == {"config.json", "model.safetensors", "README.md"}
     assert uploaded["model.safetensors"] == (trained / "model.safetensors").read_bytes()
     assert "someone/ganrm-red" in capsys.readouterr().out
+
+
+def test_negatives_sampled_from_a_pipeline(reduced_world, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit 1\na handwritten digit 7\n")
+    out = tmp_path / "rm"
+    arguments = [
+        "train-rm",
+        "--positives", str(reduced_world.target_dir),
+        "--pipeline", str(reduced_world.pipeline_dir),
+        "--prompts", str(prompts),
+        "--negatives-per-prompt", "8",
+        "--num-inference-steps", "2",
+        "--min-images", "8",
+        "--out", str(out),
+        "--backbone", reduced_world.backbone,
+        "--pretrained", "none",
+        "--device", "cpu",
+    ]  # fmt: skip
+    assert main(arguments) == 0
+    records = [json.loads(line) for line in (out / "negatives" / "metadata.jsonl").read_text().splitlines()]
+    assert [record["prompt"] for record in records] == ["a handwritten digit 1"] * 8 + ["a handwritten digit 7"] * 8
+    assert len({record["seed"] for record in records}) == 16
+    assert all((out / "negatives" / record["file_name"]).is_file() for record in records)
+
+    # A second run reuses the sampled negatives rather than sampling again.
+    mtime = (out / "negatives" / records[0]["file_name"]).stat().st_mtime_ns
+    assert main(arguments) == 0
+    assert (out / "negatives" / records[0]["file_name"]).stat().st_mtime_ns == mtime
+    assert GANRewardModel.from_pretrained(out).config.backbone == reduced_world.backbone
+
+
+def test_train_rm_without_negatives_or_pipeline_is_an_error(tmp_path, property_folders, capsys):
+    code = main(["train-rm", "--positives", str(property_folders["positives"]), "--out", str(tmp_path / "rm")])
+    assert code != 0 and "--pipeline and --prompts" in capsys.readouterr().err

@@ -74,7 +74,9 @@ def trained_lora(request, tmp_path_factory):
 def test_save_writes_both_files_with_metadata_and_explicit_alpha(trained_lora):
     diffusers_path, comfyui_path = trained_lora["paths"]
     assert diffusers_path.name == DIFFUSERS_WEIGHT_NAME and comfyui_path.name == COMFYUI_WEIGHT_NAME
-    assert sorted(p.name for p in trained_lora["folder"].iterdir()) == sorted([DIFFUSERS_WEIGHT_NAME, COMFYUI_WEIGHT_NAME])
+    assert sorted(p.name for p in trained_lora["folder"].iterdir()) == sorted(
+        [DIFFUSERS_WEIGHT_NAME, COMFYUI_WEIGHT_NAME]
+    )
 
     diffusers_state, diffusers_metadata = read_lora(diffusers_path)
     assert all(key.startswith("unet.") and ".lora." in key for key in diffusers_state)
@@ -124,7 +126,9 @@ def test_lora_with_other_text_width_or_blocks_is_refused_by_shapes_and_keys(tmp_
     with pytest.raises(LoraCompatibilityError, match=r"cross_attention_dim=48.*differ in cross_attention_dim"):
         check_lora_compatible(tmp_path / "text48", unet)
     state_dict, _ = read_lora(tmp_path / "text48")
-    with pytest.raises(LoraCompatibilityError, match=r"attn2\.to_k: LoRA maps 48 -> 64 features, the UNet module 32 -> 64"):
+    with pytest.raises(
+        LoraCompatibilityError, match=r"attn2\.to_k: LoRA maps 48 -> 64 features, the UNet module 32 -> 64"
+    ):
         check_lora_compatible(state_dict, unet)
 
     deeper = tiny_sd_unet(block_out_channels=(32, 64, 64))

@@ -141,7 +141,9 @@ def test_diffusion_dpo_loss_matches_diffusers_research_script_and_paper():
     script_loss, script_accuracy = dpo_loss_of_diffusers_research_script(model_pred, ref_pred, target, beta / 2)
     assert result.loss.item() == pytest.approx(script_loss.item(), rel=1e-5)
     assert result.implicit_accuracy.item() == pytest.approx(script_accuracy.item())
-    assert result.loss.item() == pytest.approx(dpo_loss_of_the_paper(model_pred, ref_pred, target, beta).item(), rel=1e-4)
+    assert result.loss.item() == pytest.approx(
+        dpo_loss_of_the_paper(model_pred, ref_pred, target, beta).item(), rel=1e-4
+    )
     result.loss.backward()
     assert model_pred.grad.abs().sum() > 0
 

@@ -1,0 +1,198 @@
+"""Best-of-N overhead: RewardGuidedPipeline with N candidates against the base pipeline with num_images_per_prompt=N
+and the same seeds, side by side in one run (interleaved, medians over repeats, warm-up dropped).
+
+    python bench/best_of_n.py                      # SD-shaped random pipeline, small (CPU), tiny CLIP reward model
+    python bench/best_of_n.py --pipeline DIR       # any saved SD pipeline, e.g. the embedded world's
+    python bench/best_of_n.py --sd15 --fp16        # full SD1.5 architecture, random weights, 512 px, ViT-H-14 (GPU)
+
+Both runs denoise the same N latents from the same seeds; the reward-guided run also scores the N decoded images
+on the device and keeps the best. Runs alternate (base, guided, base, ...); each time is the fastest of the timed
+rounds (as timeit does: other processes only ever add time), with the median beside it. Prints both times, the
+scoring time alone (the reward model on the N decoded images), and last `overhead <guided time / base time>`
+(goal: at most 1.03).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from ganrm_diffusers.pipeline import RewardGuidedPipeline  # noqa: E402
+from ganrm_diffusers.reward_model import GANRewardModel  # noqa: E402
+from ganrm_diffusers.world.tokenizer import build_clip_tokenizer  # noqa: E402
+
+# Stable Diffusion 1.5's architecture, and the same shape scaled down for a CPU.
+SD15 = {"unet": (320, 640, 1280, 1280), "vae": (128, 256, 512, 512), "text": (768, 12, 12, 3072), "size": 512}
+SMALL = {"unet": (32, 64), "vae": (32, 64), "text": (32, 2, 4, 37), "size": 32}
+# A small open_clip architecture for the CPU reward model (ViT-H-14 is the GPU one).
+SMALL_CLIP = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def random_sd_pipeline(shape: dict) -> StableDiffusionPipeline:
+    """An SD-1.x-shaped pipeline with random weights (speed does not depend on the weights' values)."""
+    tokenizer = build_clip_tokenizer()
+    width, layers, heads, intermediate = shape["text"]
+    depth = len(shape["unet"])
+    unet = UNet2DConditionModel(
+        sample_size=shape["size"] // 2 ** (len(shape["vae"]) - 1),
+        block_out_channels=shape["unet"],
+        layers_per_block=2 if depth == 4 else 1,
+        down_block_types=("CrossAttnDownBlock2D",) * (depth - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (depth - 1),
+        cross_attention_dim=width,
+        attention_head_dim=8,
+    )
+    vae_depth = len(shape["vae"])
+    vae = AutoencoderKL(
+        block_out_channels=shape["vae"],
+        down_block_types=("DownEncoderBlock2D",) * vae_depth,
+        up_block_types=("UpDecoderBlock2D",) * vae_depth,
+        layers_per_block=2 if vae_depth == 4 else 1,
+        latent_channels=4,
+        sample_size=shape["size"],
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=intermediate,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def small_reward_model(folder: Path) -> GANRewardModel:
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": SMALL_CLIP, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    )
+    return GANRewardModel(backbone=f"local-dir:{folder}", pretrained=None, hidden_sizes=(128,))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(device: torch.device, function) -> tuple[float, object]:
+    _sync(device)
+    start = time.perf_counter()
+    result = function()
+    _sync(device)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", help="a saved SD 1.x/2.x pipeline folder (default: a random SD-shaped one)")
+    parser.add_argument("--clip", help="open_clip local-dir of the reward model's backbone (default: a small one)")
+    parser.add_argument("--sd15", action="store_true", help="full SD1.5 architecture at 512 px and ViT-H-14")
+    parser.add_argument("--num-candidates", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fp16", action="store_true", help="half precision (GPU)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), torch.float16 if args.fp16 else torch.float32
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.sd15:
+            base, reward_model, label = (
+                random_sd_pipeline(SD15),
+                GANRewardModel(backbone="ViT-H-14", pretrained=None),
+                "SD1.5 512 px + ViT-H-14",
+            )
+        else:
+            base = (
+                StableDiffusionPipeline.from_pretrained(args.pipeline) if args.pipeline else random_sd_pipeline(SMALL)
+            )
+            reward_model = (
+                GANRewardModel(backbone=f"local-dir:{args.clip}", pretrained=None)
+                if args.clip
+                else small_reward_model(Path(scratch))
+            )
+            label = args.pipeline or "small SD-shaped pipeline 32 px + small CLIP"
+    base.to(device, dtype)
+    base.set_progress_bar_config(disable=True)
+    guided = RewardGuidedPipeline.from_pipe(base, reward_model=reward_model.to(device, dtype))
+    guided.set_progress_bar_config(disable=True)
+
+    prompt, count = "a photo of a cat", args.num_candidates
+    seeds = list(range(1000, 1000 + count))
+    settings = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "output_type": "pt"}
+
+    def run_base():
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        return base(prompt, num_images_per_prompt=count, generator=generators, **settings).images
+
+    def run_guided():
+        return guided(prompt, num_candidates=count, seeds=seeds, **settings)
+
+    base_times, guided_times = [], []
+    for _ in range(args.repeats + 1):  # the first round warms up and is dropped
+        base_time, base_images = _timed(device, run_base)
+        guided_time, output = _timed(device, run_guided)
+        base_times.append(base_time)
+        guided_times.append(guided_time)
+    best = seeds.index(output.seeds[0])
+    same = torch.allclose(output.images[0].float(), base_images[best].float(), atol=1e-2 if args.fp16 else 1e-4)
+    score_times = [
+        _timed(device, lambda: reward_model.score(base_images, batch_size=count))[0] for _ in range(args.repeats + 1)
+    ]
+
+    base_time, guided_time, score_time = min(base_times[1:]), min(guided_times[1:]), min(score_times[1:])
+    print(f"{label}: {count} candidates, {args.steps} steps, guidance {args.guidance_scale}, {device} {dtype}")
+    print(
+        f"base pipeline, num_images_per_prompt={count}: {base_time:.3f} s (median {statistics.median(base_times[1:]):.3f} s)"
+    )
+    print(
+        f"RewardGuidedPipeline, num_candidates={count}:  {guided_time:.3f} s "
+        f"(median {statistics.median(guided_times[1:]):.3f} s)"
+    )
+    print(f"selected image equals the base pipeline's image of its seed: {same}")
+    print(f"scoring alone ({count} images): {score_time * 1000:.1f} ms ({score_time / base_time:.2%} of the base run)")
+    print(f"overhead {guided_time / base_time:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""SFT, Diffusion-DPO and PRDP measured in the embedded world (rows `sft`, `dpo`, `prdp` of the demo report).
+
+`training_rows` fine-tunes a LoRA on the world's pipeline with each method and the demo's GAN-RM, with settings
+tuned here to cost a few CPU minutes each (`DEMO_SETTINGS`; the trainers' own defaults are the papers'), then
+samples the same evaluation prompts and seeds as the demo's `base` row (`eval_per_digit` per digit, seeds from
+`eval_first_seed`) with the LoRA loaded through diffusers' `load_lora_weights`, and judges them with the world's
+judges. Each row:
+
+- style_rate, class_accuracy, mean_reward (the demo's reward model), unet_evaluations and seconds of sampling the
+  evaluation set (as the base row counts them);
+- train_seconds: wall time of the fine-tuning run (sampling its data included); peak_rss_mib: the process's peak
+  resident memory during it (Linux VmHWM, reset at its start; it includes what the demo process already held,
+  given as rss_before_mib); peak_cuda_mib on a GPU;
+- lora: the folder with both LoRA files (`<out>/lora/<method>/`), curves: the training curves PNG, and the run's
+  final metrics.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ganrm_diffusers.finetune import peak_memory, setup_run
+from ganrm_diffusers.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, load_lora_into_pipeline
+from ganrm_diffusers.reward_model import GANRewardModel
+
+METHODS = ("sft", "dpo", "prdp")
+EVAL_FIRST_SEED = 30_000_000  # the demo's evaluation set (its `base` row)
+
+
+def demo_configs(world: object, prompts_file: Path, run_root: Path) -> dict:
+    """The world's fine-tuning settings of each method (see the module docstring and the team notes)."""
+    from ganrm_training.train_dpo import DPOConfig
+    from ganrm_training.train_prdp import PRDPConfig
+    from ganrm_training.train_sft import SFTConfig
+
+    sampling = world.sampling_kwargs
+    shared = {
+        "pretrained_model": str(world.pipeline_dir),
+        "prompts": str(prompts_file),
+        "num_inference_steps": int(sampling.get("num_inference_steps", 25)),
+        "guidance_scale": float(sampling.get("guidance_scale", 2.0)),
+        "lora_rank": 8,
+        "checkpoint_every": 100,
+        "checkpoints_total_limit": 1,
+        "eval_prompts": 10,
+        "eval_samples_per_prompt": 4,
+        "sample_batch_size": 128,
+    }
+    return {
+        "sft": SFTConfig(
+            **shared,
+            output_dir=str(run_root / "sft"),
+            num_candidates=8,
+            top_k=2,
+            train_batch_size=32,
+            max_train_steps=150,
+            learning_rate=1e-3,
+            eval_every=50,
+        ),
+        "dpo": DPOConfig(
+            **shared,
+            output_dir=str(run_root / "dpo"),
+            num_candidates=8,
+            train_batch_size=16,
+            max_train_steps=150,
+            learning_rate=1e-3,
+            beta=5000.0,
+            eval_every=50,
+        ),
+        "prdp": PRDPConfig(
+            **{**shared, "num_inference_steps": 10, "checkpoint_every": 10},
+            output_dir=str(run_root / "prdp"),
+            epochs=40,
+            inner_steps=2,
+            prompts_per_epoch=10,
+            samples_per_prompt=8,
+            train_batch_size=80,
+            learning_rate=1e-3,
+            beta=3e-5,
+            clip_eps=1e-3,
+            eval_every=5,
+        ),
+    }
+
+
+def training_rows(
+    world: object,
+    reward_model: GANRewardModel,
+    out_dir: str | Path,
+    methods: tuple[str, ...] | list[str] = METHODS,
+    eval_per_digit: int = 50,
+    eval_first_seed: int = EVAL_FIRST_SEED,
+    prompt_repeats: int = 20,
+    batch_size: int = 100,
+    overrides: dict[str, dict] | None = None,
+) -> dict[str, dict]:
+    """Fine-tune with each method and judge samples of the fine-tuned model; returns {method: row}.
+
+    The training prompts are the world's ten prompts, each `prompt_repeats` times (a prompt index fixes the
+    candidates' seeds, so repeats give new candidates). `overrides[method]` replaces config fields (a quick run)."""
+    from ganrm_diffusers.demo import _judge, sample_digits
+
+    out_dir = Path(out_dir)
+    run_root = out_dir / "finetune"
+    run_root.mkdir(parents=True, exist_ok=True)
+    prompts_file = run_root / "prompts.txt"
+    prompts_file.write_text("".join(f"{prompt}\n" for _ in range(prompt_repeats) for prompt in world.prompts))
+    configs = demo_configs(world, prompts_file, run_root)
+    rows = {}
+    for method in methods:
+        config = replace(configs[method], **(overrides or {}).get(method, {}))
+        shutil.rmtree(config.output_dir, ignore_errors=True)  # a fresh run: the figures come from these settings
+        summary, cost = _train(method, config, reward_model)
+
+        lora_dir = out_dir / "lora" / method
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        for name in (DIFFUSERS_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
+            shutil.copy2(Path(config.output_dir) / name, lora_dir / name)
+        curves = out_dir / f"{method}_curves.png"
+        shutil.copy2(Path(config.output_dir) / "curves.png", curves)
+
+        pipe = world.load_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        load_lora_into_pipeline(pipe, lora_dir)
+        samples = sample_digits(pipe, world, eval_per_digit, eval_first_seed, batch_size, f"{method} evaluation")
+        rows[method] = {
+            **_judge(world, reward_model, samples),
+            **cost,
+            "lora": str(lora_dir),
+            "curves": str(curves),
+            "final_metrics": summary.get("final", {}),
+            "settings": _settings(config),
+        }
+    return rows
+
+
+def _train(method: str, config, reward_model: GANRewardModel) -> tuple[dict, dict]:
+    """Run one trainer in this process; its wall time and peak memory (VmHWM is reset first, where Linux allows)."""
+    import importlib
+
+    trainer = importlib.import_module(f"ganrm_training.train_{method}")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS to the current RSS
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _current_rss_mib()
+    started = time.perf_counter()
+    run = setup_run(config, reward_model=reward_model)
+    summary = trainer.train(config, run)
+    seconds = time.perf_counter() - started
+    return summary, {"train_seconds": seconds, "rss_before_mib": rss_before, **peak_memory()}
+
+
+def _current_rss_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _settings(config) -> dict:
+    keep = (
+        "learning_rate",
+        "lora_rank",
+        "train_batch_size",
+        "max_train_steps",
+        "num_candidates",
+        "top_k",
+        "beta",
+        "epochs",
+        "inner_steps",
+        "prompts_per_epoch",
+        "samples_per_prompt",
+        "clip_eps",
+        "num_inference_steps",
+        "reward_scale",
+        "guidance_scale",
+    )
+    return {key: getattr(config, key) for key in keep if hasattr(config, key)}

@@ -1,0 +1,451 @@
+"""Best-of-N, early pruning and FK resampling measured in the embedded world (rows of the demo report).
+
+`selection_rows` runs every method on the same prompts with the same candidate seeds (so differences between
+methods are not sampling noise) and judges the selected images with the world's independent judges:
+
+- `random_candidate`: what the base model gives, i.e. a uniformly random candidate. Its rates are taken over all N
+  candidates of the best-of-N run (no extra sampling); its cost is one generation per selection.
+- `best_of_8`: full best-of-N (N = `num_candidates`, 8 by default).
+- `best_of_8_pruned`: best-of-N with the default `PruneSchedule()`; `pruned_*` rows: other pruning settings.
+- `*_eta1` and `fk_*` rows (with `stochastic=True`): Feynman-Kac-style resampling needs a stochastic sampler, so
+  FK is compared with best-of-N and pruning run with the same DDIM eta = 1 and the same seeds.
+
+Each row: style_rate, class_accuracy, mean_reward (of the selected images, by the reward model that selected
+them), reward_gain (mean reward of the selected images minus that of a random candidate, i.e. the mean over all
+candidates of the same sampler), unet_evaluations (latents through the UNet, counted by a hook; guidance doubles
+them), seconds, and relative to full best-of-N with the same sampler: unet_cost, reward_gain_kept, style_gain_kept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ganrm_diffusers.pipeline import RewardGuidedPipeline
+from ganrm_diffusers.pruning import FKResampling, PruneSchedule, count_unet_rows
+from ganrm_diffusers.reward_model import GANRewardModel
+from ganrm_diffusers.selection import select_top_k
+
+# Other pruning settings worth a row, each at most half the UNet evaluations of best-of-8 at 25 steps.
+EXTRA_PRUNE_SETTINGS: dict[str, PruneSchedule] = {
+    "pruned_8to4to2_at20_40": PruneSchedule(at=(0.2, 0.4), keep=(0.5, 0.5)),
+    "pruned_8to3_at20": PruneSchedule(at=(0.2,), keep=(0.375,)),
+    "pruned_8to1_at40": PruneSchedule(at=(0.4,), keep=(0.125,)),
+    "pruned_8to4_at10_then_2_at30": PruneSchedule(at=(0.1, 0.3), keep=(0.5, 0.5)),
+}
+
+
+@dataclass
+class _Run:
+    """One method over all prompts: the selected images (NCHW in [0, 1], CPU), their rewards, all candidates'
+    rewards when they were all finished, the UNet rows and the seconds it took."""
+
+    images: torch.Tensor
+    scores: torch.Tensor
+    candidate_scores: torch.Tensor | None
+    candidate_images: torch.Tensor | None
+    unet_rows: int
+    seconds: float
+
+
+def _run(
+    pipe: RewardGuidedPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    num_candidates: int,
+    prompts_per_call: int,
+    keep_candidates: bool,
+    progress: bool,
+    description: str,
+    **call_kwargs: object,
+) -> _Run:
+    images, scores, candidate_scores, candidate_images, rows, seconds = [], [], [], [], 0, 0.0
+    for start in tqdm(range(0, len(prompts), prompts_per_call), desc=description, disable=not progress, leave=False):
+        part = prompts[start : start + prompts_per_call]
+        part_seeds = seeds[start * num_candidates : (start + len(part)) * num_candidates]
+        begin = time.perf_counter()
+        with count_unet_rows(pipe.unet) as counter:
+            output = pipe(
+                part,
+                num_candidates=num_candidates,
+                seeds=part_seeds,
+                output_type="pt",
+                return_candidates=keep_candidates,
+                **call_kwargs,
+            )
+        seconds += time.perf_counter() - begin
+        rows += counter[0]
+        images.append(output.images.cpu())
+        scores.append(output.scores)
+        if keep_candidates:
+            candidate_scores.append(output.candidate_scores)
+            candidate_images.append(output.candidates.cpu())
+    return _Run(
+        images=torch.cat(images),
+        scores=torch.cat(scores),
+        candidate_scores=torch.cat(candidate_scores) if keep_candidates else None,
+        candidate_images=torch.cat(candidate_images) if keep_candidates else None,
+        unet_rows=rows,
+        seconds=seconds,
+    )
+
+
+def _judged(judges: object, images: torch.Tensor, digits: np.ndarray) -> dict:
+    return {
+        "style_rate": judges.style_rate(images),
+        "class_accuracy": judges.class_accuracy(images, digits),
+    }
+
+
+def selection_rows(
+    pipeline: str | Path | RewardGuidedPipeline,
+    reward_model: GANRewardModel,
+    judges: object,
+    *,
+    prompts_per_digit: int = 50,
+    num_candidates: int = 8,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 2.0,
+    extra_prune_settings: dict[str, PruneSchedule] | None = None,
+    stochastic: bool = True,
+    fk_lambda: float = 2.0,
+    prompts_per_call: int = 50,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Rows for the demo report's `methods` (see the module docstring), on 10 * `prompts_per_digit` selections.
+
+    `pipeline`: the world's pipeline folder (or a loaded reward-guided pipeline); `judges`: the world's
+    `Judges` (style_rate, class_accuracy). Candidate j of prompt i gets seed `seed + i * num_candidates + j` in
+    every method.
+    """
+    pipe = _reward_guided(pipeline, reward_model)
+    from ganrm_diffusers.world.generator import prompt_for
+
+    digits = np.repeat(np.arange(10), prompts_per_digit)
+    prompts = [prompt_for(int(digit)) for digit in digits]
+    seeds = list(range(seed, seed + len(prompts) * num_candidates))
+    name = f"best_of_{num_candidates}"
+    common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+
+    def run(description: str, keep_candidates: bool = False, candidates: int = num_candidates, **kwargs) -> _Run:
+        run_seeds = seeds
+        if candidates != num_candidates:  # fewer particles: the first seeds of each prompt's candidates
+            run_seeds = [
+                s for i in range(len(prompts)) for s in seeds[i * num_candidates : i * num_candidates + candidates]
+            ]
+        return _run(
+            pipe,
+            prompts,
+            run_seeds,
+            candidates,
+            prompts_per_call,
+            keep_candidates,
+            progress,
+            description,
+            **common,
+            **kwargs,
+        )
+
+    def row(result: _Run, full: _Run, baseline: dict, extra: dict | None = None) -> dict:
+        judged = _judged(judges, result.images, digits)
+        mean_reward = float(result.scores.mean())
+        gain = mean_reward - baseline["mean_reward"]
+        full_gain = float(full.scores.mean()) - baseline["mean_reward"]
+        full_style_gain = _judged(judges, full.images, digits)["style_rate"] - baseline["style_rate"]
+        return {
+            **judged,
+            "mean_reward": mean_reward,
+            "reward_gain": gain,
+            "unet_evaluations": result.unet_rows,
+            "seconds": result.seconds,
+            "selections": len(result.scores),
+            "unet_cost": result.unet_rows / full.unet_rows,
+            "reward_gain_kept": gain / full_gain if full_gain else float("nan"),
+            "style_gain_kept": (judged["style_rate"] - baseline["style_rate"]) / full_style_gain
+            if full_style_gain
+            else float("nan"),
+            **(extra or {}),
+        }
+
+    def random_candidate(full: _Run) -> dict:
+        candidate_digits = np.repeat(digits, num_candidates)
+        return {
+            **_judged(judges, full.candidate_images, candidate_digits),
+            "mean_reward": float(full.candidate_scores.mean()),
+            "reward_gain": 0.0,
+            "unet_evaluations": full.unet_rows // num_candidates,
+            "seconds": full.seconds / num_candidates,
+            "selections": len(full.scores),
+        }
+
+    rows: dict[str, dict] = {}
+    default = PruneSchedule()
+    full = run(name, keep_candidates=True)
+    rows["random_candidate"] = baseline = random_candidate(full)
+    rows[name] = row(full, full, baseline)
+    rows[f"{name}_pruned"] = row(run(f"{name} pruned", prune=default), full, baseline, {"prune": _describe(default)})
+    for label, schedule in (EXTRA_PRUNE_SETTINGS if extra_prune_settings is None else extra_prune_settings).items():
+        rows[label] = row(run(label, prune=schedule), full, baseline, {"prune": _describe(schedule)})
+
+    if stochastic:
+        full_eta = run(f"{name} eta=1", keep_candidates=True, eta=1.0)
+        rows["random_candidate_eta1"] = baseline_eta = random_candidate(full_eta)
+        rows[f"{name}_eta1"] = row(full_eta, full_eta, baseline_eta, {"eta": 1.0})
+        rows[f"{name}_pruned_eta1"] = row(
+            run(f"{name} pruned eta=1", prune=default, eta=1.0),
+            full_eta,
+            baseline_eta,
+            {"eta": 1.0, "prune": _describe(default)},
+        )
+        fk_same_cost = FKResampling(at=default.at, keep=default.keep, lambda_=fk_lambda)
+        rows["fk_resample_same_cost_as_pruned"] = row(
+            run("FK same cost", prune=fk_same_cost, eta=1.0),
+            full_eta,
+            baseline_eta,
+            {"eta": 1.0, "prune": _describe(fk_same_cost)},
+        )
+        half = num_candidates // 2
+        fk_particles = FKResampling(at=(0.2, 0.4, 0.6), lambda_=fk_lambda)
+        rows[f"fk_{half}_particles"] = row(
+            run(f"FK {half} particles", candidates=half, prune=fk_particles, eta=1.0),
+            full_eta,
+            baseline_eta,
+            {"eta": 1.0, "prune": _describe(fk_particles), "particles": half},
+        )
+    return rows
+
+
+@dataclass
+class _Probe:
+    """Every candidate of a best-of-N run with the reward of its x0 prediction at checkpoints (steps done ->
+    (prompts, N)), its final reward, and what the judges say of its final image (both (prompts, N))."""
+
+    checkpoint_scores: dict[int, torch.Tensor]
+    final_scores: torch.Tensor
+    has_style: torch.Tensor
+    correct: torch.Tensor
+    num_steps: int
+
+
+def _probe(
+    pipe: RewardGuidedPipeline,
+    judges: object | None,
+    prompts_per_digit: int,
+    num_candidates: int,
+    fractions: tuple[float, ...],
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    prompts_per_call: int,
+    progress: bool = True,
+) -> _Probe:
+    """One best-of-N run that also scores every candidate's x0 prediction at `fractions` of the steps (a
+    `PruneSchedule` that keeps everything), with the seeds `selection_rows` uses."""
+    from ganrm_diffusers.world.generator import prompt_for
+
+    digits = np.repeat(np.arange(10), prompts_per_digit)
+    prompts = [prompt_for(int(digit)) for digit in digits]
+    probe = PruneSchedule(at=fractions, keep=(1.0,) * len(fractions))
+    early: dict[int, list[torch.Tensor]] = {}
+    final, has_style, correct = [], [], []
+    for start in tqdm(range(0, len(prompts), prompts_per_call), desc="probe", disable=not progress, leave=False):
+        part = prompts[start : start + prompts_per_call]
+        output = pipe(
+            part,
+            num_candidates=num_candidates,
+            seed=seed + start * num_candidates,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            output_type="pt" if judges is not None else "latent",
+            prune=probe,
+            return_candidates=True,
+        )
+        final.append(output.candidate_scores.view(len(part), num_candidates))
+        for steps, scores in output.checkpoint_scores.items():
+            early.setdefault(steps, []).append(scores.view(len(part), num_candidates))
+        if judges is not None:
+            images = output.candidates.cpu()
+            expected = np.repeat(digits[start : start + len(part)], num_candidates)
+            has_style.append(judges.has_style(images).view(len(part), num_candidates))
+            predicted = torch.as_tensor(np.asarray(judges.predict_digits(images)) == expected)
+            correct.append(predicted.view(len(part), num_candidates))
+    return _Probe(
+        checkpoint_scores={steps: torch.cat(parts) for steps, parts in sorted(early.items())},
+        final_scores=torch.cat(final),
+        has_style=torch.cat(has_style) if has_style else torch.empty(0),
+        correct=torch.cat(correct) if correct else torch.empty(0),
+        num_steps=num_inference_steps,
+    )
+
+
+def _simulated_choice(schedule: PruneSchedule, probe: _Probe) -> torch.Tensor:
+    """The candidate (per prompt) that `schedule` with top_k = 1 would return, from the probe's scores alone.
+
+    Exact for a deterministic sampler: a survivor's trajectory does not depend on the others, so its x0 rewards
+    and final reward are those of the probe run (up to float noise of batch composition)."""
+    prompts, candidates = probe.final_scores.shape
+    run = schedule.start(probe.num_steps, 1, list(range(prompts * candidates)), candidates)
+    live = torch.arange(candidates).repeat(prompts, 1)
+    for step in sorted(run.checkpoints):
+        scores = torch.gather(probe.checkpoint_scores[step + 1], 1, live)
+        live = torch.gather(live, 1, run.survivors(step, scores).parents)
+    final = torch.gather(probe.final_scores, 1, live)
+    best = select_top_k(final.flatten(), 1, group_size=live.shape[1]).selected % live.shape[1]
+    return torch.gather(live, 1, best.view(prompts, 1)).squeeze(1)
+
+
+def pruning_sweep(
+    pipeline: str | Path | RewardGuidedPipeline,
+    reward_model: GANRewardModel,
+    judges: object,
+    schedules: dict[str, PruneSchedule],
+    *,
+    prompts_per_digit: int = 50,
+    num_candidates: int = 8,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 2.0,
+    prompts_per_call: int = 50,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Many pruning settings from one probe run (for choosing a default): the rows that `selection_rows` would
+    measure for each schedule (top_k = 1), simulated from every candidate's x0 and final rewards, with the UNet
+    cost computed from the schedule. Also `best_of_{N}` and `random_candidate` from the same run."""
+    pipe = _reward_guided(pipeline, reward_model)
+    fractions = tuple(sorted({fraction for schedule in schedules.values() for fraction in schedule.at}))
+    probe = _probe(
+        pipe,
+        judges,
+        prompts_per_digit,
+        num_candidates,
+        fractions,
+        seed,
+        num_inference_steps,
+        guidance_scale,
+        prompts_per_call,
+        progress,
+    )
+    prompts = probe.final_scores.shape[0]
+    rows_index = torch.arange(prompts)
+    baseline = {
+        "style_rate": float(probe.has_style.float().mean()),
+        "class_accuracy": float(probe.correct.float().mean()),
+        "mean_reward": float(probe.final_scores.mean()),
+    }
+
+    def row(chosen: torch.Tensor, cost: float) -> dict:
+        values = {
+            "style_rate": float(probe.has_style[rows_index, chosen].float().mean()),
+            "class_accuracy": float(probe.correct[rows_index, chosen].float().mean()),
+            "mean_reward": float(probe.final_scores[rows_index, chosen].mean()),
+            "unet_cost": cost,
+        }
+        values["reward_gain"] = values["mean_reward"] - baseline["mean_reward"]
+        return values
+
+    full = row(probe.final_scores.argmax(dim=1), 1.0)
+    rows = {"random_candidate": {**baseline, "reward_gain": 0.0}, f"best_of_{num_candidates}": full}
+    for label, schedule in schedules.items():
+        simulated = row(_simulated_choice(schedule, probe), schedule.cost_fraction(num_candidates, num_inference_steps))
+        simulated["reward_gain_kept"] = simulated["reward_gain"] / full["reward_gain"]
+        style_gain = full["style_rate"] - baseline["style_rate"]
+        simulated["style_gain_kept"] = (
+            (simulated["style_rate"] - baseline["style_rate"]) / style_gain if style_gain else float("nan")
+        )
+        rows[label] = {**simulated, "prune": _describe(schedule)}
+    return rows
+
+
+def early_reward_agreement(
+    pipeline: str | Path | RewardGuidedPipeline,
+    reward_model: GANRewardModel,
+    *,
+    prompts_per_digit: int = 20,
+    num_candidates: int = 8,
+    fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 2.0,
+    prompts_per_call: int = 50,
+) -> dict[str, dict]:
+    """How well the reward of the x0 prediction after a fraction of the steps predicts the final reward (what
+    pruning relies on). Per fraction: the mean within-prompt Spearman correlation of early and final rewards, and
+    how often each prompt's finally best candidate is among the best half / quarter by early reward."""
+    probe = _probe(
+        _reward_guided(pipeline, reward_model),
+        None,
+        prompts_per_digit,
+        num_candidates,
+        fractions,
+        seed,
+        num_inference_steps,
+        guidance_scale,
+        prompts_per_call,
+        progress=False,
+    )
+    best = probe.final_scores.argmax(dim=1, keepdim=True)
+    rows = {}
+    for steps, early_scores in probe.checkpoint_scores.items():
+        order = early_scores.argsort(dim=1, descending=True)
+        rank_of_best = (order == best).float().argmax(dim=1)
+        rows[f"after_{steps}_of_{num_inference_steps}_steps"] = {
+            "fraction": steps / num_inference_steps,
+            "spearman": float(_rank_correlation(early_scores, probe.final_scores).mean()),
+            "best_in_top_half": float((rank_of_best < num_candidates // 2).float().mean()),
+            "best_in_top_quarter": float((rank_of_best < max(1, num_candidates // 4)).float().mean()),
+        }
+    return rows
+
+
+def _rank_correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation of each row pair (no ties in continuous rewards)."""
+    ranks = [values.argsort(dim=1).argsort(dim=1).float() for values in (first, second)]
+    centred = [rank - rank.mean(dim=1, keepdim=True) for rank in ranks]
+    return (centred[0] * centred[1]).sum(1) / (centred[0].norm(dim=1) * centred[1].norm(dim=1))
+
+
+def _reward_guided(pipeline: str | Path | RewardGuidedPipeline, reward_model: GANRewardModel) -> RewardGuidedPipeline:
+    if isinstance(pipeline, (str, Path)):
+        pipe = RewardGuidedPipeline.from_pretrained(pipeline, reward_model=reward_model)
+    else:
+        pipe = RewardGuidedPipeline.from_pipe(pipeline, reward_model=reward_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _describe(schedule: PruneSchedule | FKResampling) -> dict:
+    description = {"kind": type(schedule).__name__, "at": list(schedule.at), "keep": list(schedule.keep)}
+    if isinstance(schedule, FKResampling):
+        description.update(lambda_=schedule.lambda_, potential=schedule.potential)
+    return description
+
+
+def format_rows(rows: dict[str, dict]) -> str:
+    """A plain-text table of the rows (for the terminal and the report)."""
+    columns = [
+        "style_rate",
+        "class_accuracy",
+        "mean_reward",
+        "reward_gain",
+        "unet_cost",
+        "reward_gain_kept",
+        "style_gain_kept",
+        "unet_evaluations",
+        "seconds",
+    ]
+    lines = ["method".ljust(34) + "".join(column[:16].rjust(17) for column in columns)]
+    for label, values in rows.items():
+        cells = []
+        for column in columns:
+            value = values.get(column)
+            cells.append(
+                ("-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)).rjust(17)
+            )
+        lines.append(label.ljust(34) + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""The embedded digits world: a small text-to-image world, built on a CPU in minutes, where GAN-RM can be measured.
+
+No real CLIP or Stable Diffusion weights can be downloaded everywhere, so ganrm builds its own world from
+scikit-learn's bundled digits (1797 images of 8x8, no download), deterministically from a seed:
+
+- `pipeline/`: a Stable-Diffusion-shaped text-to-image model (AutoencoderKL, UNet2DConditionModel, a frozen
+  CLIPTextModel, the real CLIP tokenizer, DDIM) trained on prompts "a handwritten digit 7". It loads with
+  `StableDiffusionPipeline.from_pretrained(world.pipeline_dir)` and draws 16 px RGB digits; sample it with
+  `pipe(prompt, **world.sampling_kwargs)` (the recommended guidance scale and number of steps).
+- `clip/`: a tiny open_clip model trained on captions that name the digit and its stroke style, in open_clip's
+  local-dir format: `open_clip.create_model_and_transforms(world.backbone)` with `world.backbone ==
+  "local-dir:<world>/clip"`. It is the world's GAN-RM backbone: `GANRewardModel(backbone=world.backbone)`.
+- The target style, "thin": strokes at most as inked as the thinnest quarter of real digits. The base model
+  draws it rarely. `target/` holds a few hundred real thin digits (the preference proxy data) as PNG;
+  `heldout/target/` and `heldout/other/` hold real digits with and without the style that no model saw.
+- `judge/`: judges that share nothing with the reward model: `world.judges.style_rate(images)`,
+  `world.judges.style_measure(images)` (continuous, >= 0 exactly when an image has the style) and
+  `world.judges.class_accuracy(images, digits)`. Images: float NCHW / NHWC in [0, 1], uint8, or PIL.
+- `world.json`: seed, settings, build_seconds and figures (class_accuracy and style_rate of base samples, of
+  held-out target digits and of held-out other digits).
+
+API:
+    build_world(out_dir=None, seed=0, preset="full") -> Path     # preset "reduced": seconds, for tests
+    default_world_dir() -> Path                                  # <ganrm cache>/world; $GANRM_HOME overrides
+    load_world(path=None) -> World                               # WorldError if missing or outdated
+    ensure_world(path=None, seed=0, preset="full") -> World      # builds first when needed
+    World: root, pipeline_dir, clip_dir, backbone, target_dir, heldout_target_dir, heldout_other_dir, prompts,
+           prompt_digits, sampling_kwargs, seed, info (world.json), judges, load_pipeline(**kwargs),
+           target_images(), heldout_target_images(), heldout_other_images()  -> (NCHW floats, digits)
+    build_clip_tokenizer() -> transformers.CLIPTokenizer         # the real CLIP BPE, offline
+
+CLI: `ganrm world build [--out DIR] [--seed N] [--reduced]`, `ganrm world path`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# Imported lazily: `ganrm --help` and `ganrm_diffusers.world.tokenizer` should not pay for diffusers and scikit-learn.
+_EXPORTS = {
+    "World": "ganrm_diffusers.world.build",
+    "WorldError": "ganrm_diffusers.world.build",
+    "WorldSettings": "ganrm_diffusers.world.build",
+    "build_world": "ganrm_diffusers.world.build",
+    "default_world_dir": "ganrm_diffusers.world.build",
+    "ensure_world": "ganrm_diffusers.world.build",
+    "load_world": "ganrm_diffusers.world.build",
+    "read_digit_folder": "ganrm_diffusers.world.build",
+    "Judges": "ganrm_diffusers.world.judge",
+    "StyleRule": "ganrm_diffusers.world.judge",
+    "build_clip_tokenizer": "ganrm_diffusers.world.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ganrm_diffusers.world' has no attribute {name!r}")

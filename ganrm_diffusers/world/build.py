@@ -1,0 +1,466 @@
+"""Building the world from a seed, and loading it back.
+
+Layout of a world folder:
+    world.json              seed, settings, split sizes, build_seconds, figures (base / target / real_other)
+    pipeline/               StableDiffusionPipeline.from_pretrained(<world>/pipeline)
+    clip/                   open_clip local-dir: open_clip_config.json + open_clip_model.safetensors
+    judge/                  judge.json + class_judge.safetensors (the class judge is refitted at load time)
+    target/                 the target set ("preference proxy data"): real thin-stroke digits as PNG
+    heldout/target/         real thin-stroke digits kept out of every training, for evaluation
+    heldout/other/          real digits without the style, kept out of every training, for evaluation
+    preview.png             base samples per prompt above real target digits, for a person to look at
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ganrm_diffusers.errors import GanrmError
+from ganrm_diffusers.images import load_image, to_pil, to_pixels
+from ganrm_diffusers.paths import cache_dir
+from ganrm_diffusers.world import clip_training, generator
+from ganrm_diffusers.world.judge import Judges, StyleRule
+from ganrm_diffusers.world.style import RealDigits, load_real_digits, slant
+from ganrm_diffusers.world.style import ink as ink_of
+from ganrm_diffusers.world.tokenizer import build_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+WORLD_FILE = "world.json"
+# Bumped whenever the build changes what a seed produces: a world of another format is rebuilt by ensure_world.
+FORMAT_VERSION = 1
+STYLE_QUANTILE = 0.25  # "thin": at most the ink of the thinnest quarter of real digits
+
+
+class WorldError(GanrmError, ValueError):
+    """A world folder that is missing, incomplete, or was built by another version of ganrm."""
+
+
+@dataclass(frozen=True)
+class WorldSettings:
+    """Everything a build depends on besides the seed. `preset("full")` is the world; "reduced" is for tests."""
+
+    preset: str = "full"
+    image_size: int = 16
+    threads: int = 2  # torch CPU results depend on the thread count: fixed, so a seed always gives the same weights
+    heldout_target: int = 100
+    heldout_other: int = 300
+    vae_steps: int = 200
+    vae_batch_size: int = 128
+    vae_learning_rate: float = 2e-3
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_steps: int = 900
+    unet_batch_size: int = 128
+    unet_learning_rate: float = 1e-3
+    ema_decay: float = 0.995
+    # The generator learns only from digits with more ink than this quantile of real digits (the style is below
+    # 0.25), so it draws thin strokes rarely, as a real base model rarely draws what its data seldom shows.
+    generator_ink_quantile: float = 0.25
+    clip_steps: int = 300
+    clip_batch_size: int = 256
+    clip_learning_rate: float = 1e-3
+    clip_embed_dim: int = 64
+    clip_vision_width: int = 64
+    clip_vision_layers: int = 3
+    clip_patch_size: int = 4
+    clip_image_size: int = 32
+    guidance_scale: float = 2.0
+    num_inference_steps: int = 25
+    figure_samples_per_prompt: int = 50
+
+    @classmethod
+    def preset_named(cls, name: str) -> WorldSettings:
+        if name == "full":
+            return cls()
+        if name == "reduced":
+            # The same code paths in seconds: few steps, small batches, a small evaluation.
+            return cls(
+                preset="reduced",
+                heldout_target=20,
+                heldout_other=40,
+                vae_steps=8,
+                vae_batch_size=32,
+                unet_steps=8,
+                unet_batch_size=32,
+                clip_steps=8,
+                clip_batch_size=64,
+                num_inference_steps=4,
+                figure_samples_per_prompt=2,
+            )
+        raise WorldError(f"unknown world preset {name!r} (expected 'full' or 'reduced')")
+
+
+@dataclass
+class World:
+    """A built world: where its parts are, its judges, its prompts and how to sample from it."""
+
+    root: Path
+    info: dict
+    judges: Judges = field(repr=False)
+
+    @property
+    def pipeline_dir(self) -> Path:
+        return self.root / "pipeline"
+
+    @property
+    def clip_dir(self) -> Path:
+        return self.root / "clip"
+
+    @property
+    def backbone(self) -> str:
+        """The open_clip name of the world's CLIP, for GANRewardModel(backbone=...) or `--backbone`."""
+        return f"local-dir:{self.clip_dir}"
+
+    @property
+    def target_dir(self) -> Path:
+        return self.root / "target"
+
+    @property
+    def heldout_target_dir(self) -> Path:
+        return self.root / "heldout" / "target"
+
+    @property
+    def heldout_other_dir(self) -> Path:
+        return self.root / "heldout" / "other"
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.info["prompts"])
+
+    @property
+    def prompt_digits(self) -> list[int]:
+        """The digit each prompt asks for (same order as `prompts`)."""
+        return list(self.info["prompt_digits"])
+
+    @property
+    def sampling_kwargs(self) -> dict:
+        """The recommended pipeline arguments: `pipe(prompt, **world.sampling_kwargs)`."""
+        return dict(self.info["sampling"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.info["seed"])
+
+    def load_pipeline(self, **kwargs: object) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline.from_pretrained(self.pipeline_dir, **kwargs)
+
+    def target_images(self) -> tuple[torch.Tensor, list[int]]:
+        """The target set as NCHW floats in [0, 1], with each image's digit."""
+        return read_digit_folder(self.target_dir)
+
+    def heldout_target_images(self) -> tuple[torch.Tensor, list[int]]:
+        return read_digit_folder(self.heldout_target_dir)
+
+    def heldout_other_images(self) -> tuple[torch.Tensor, list[int]]:
+        return read_digit_folder(self.heldout_other_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where worlds live
+
+
+def default_world_dir() -> Path:
+    """The world `ganrm world build` writes and `make demo` uses: <ganrm cache>/world ($GANRM_HOME overrides)."""
+    return cache_dir() / "world"
+
+
+def load_world(path: str | Path | None = None) -> World:
+    root = Path(path) if path is not None else default_world_dir()
+    info_file = root / WORLD_FILE
+    if not info_file.is_file():
+        raise WorldError(f"no world in {root} (run `ganrm world build --out {root}`)")
+    info = json.loads(info_file.read_text())
+    if info.get("format_version") != FORMAT_VERSION:
+        raise WorldError(
+            f"the world in {root} has format {info.get('format_version')}, this ganrm builds format {FORMAT_VERSION}:"
+            f" rebuild it with `ganrm world build --out {root}`"
+        )
+    return World(root=root, info=info, judges=Judges.load(root / "judge"))
+
+
+def ensure_world(path: str | Path | None = None, seed: int = 0, preset: str = "full") -> World:
+    """Load the world at `path` (default: default_world_dir()), building it first if it is missing or was built
+    with another seed, preset or format."""
+    root = Path(path) if path is not None else default_world_dir()
+    try:
+        world = load_world(root)
+        if world.seed == seed and world.info["settings"]["preset"] == preset:
+            return world
+        logger.warning("the world in %s was built with other settings; rebuilding it", root)
+    except WorldError:
+        pass
+    return load_world(build_world(root, seed=seed, preset=preset))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building
+
+
+def build_world(out_dir: str | Path | None = None, seed: int = 0, preset: str = "full") -> Path:
+    """Build the world deterministically from `seed` into `out_dir` (default: default_world_dir()); returns it.
+
+    The world is assembled in a temporary folder beside `out_dir` and moved into place at the end, so an
+    interrupted build never leaves a world that looks complete. An existing world at `out_dir` is replaced.
+    """
+    settings = WorldSettings.preset_named(preset)
+    out_dir = Path(out_dir) if out_dir is not None else default_world_dir()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    started = time.perf_counter()
+    try:
+        with _deterministic_torch(settings.threads):
+            info = _build_into(staging, seed, settings)
+        info["build_seconds"] = round(time.perf_counter() - started, 1)
+        (staging / WORLD_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("world built in %s (%.0f s)", out_dir, info["build_seconds"])
+    return out_dir
+
+
+@contextmanager
+def _deterministic_torch(threads: int) -> Iterator[None]:
+    """Fixed thread count and a private RNG stream, restored afterwards (the caller's RNG state is untouched)."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+class _Laps:
+    """Seconds spent in each phase of a build, for world.json."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 1)
+        self._last = now
+
+
+def _build_into(root: Path, seed: int, settings: WorldSettings) -> dict:
+    lap = _Laps()
+    real = load_real_digits(settings.image_size)
+    ink = ink_of(real.pixels())
+    style = StyleRule(
+        name="thin",
+        description=f"thin strokes: at most the ink of the thinnest {STYLE_QUANTILE:.0%} of real digits",
+        threshold=float(torch.quantile(ink, STYLE_QUANTILE)),
+        scale=float(ink.std()),
+    )
+    split = _split(real, ink <= style.threshold, settings, np.random.RandomState(seed))
+    training = np.concatenate([split["target"], split["ordinary"]])
+
+    _write_digit_folder(root / "target", real, split["target"])
+    _write_digit_folder(root / "heldout" / "target", real, split["heldout_target"])
+    _write_digit_folder(root / "heldout" / "other", real, split["heldout_other"])
+
+    judges = Judges.fit(style, real.pixels(training), real.digits[training])
+    judges.save(root / "judge")
+
+    torch.manual_seed(seed)
+    clip_config = clip_training.clip_config(
+        settings.clip_image_size,
+        settings.clip_embed_dim,
+        settings.clip_vision_width,
+        settings.clip_vision_layers,
+        settings.clip_patch_size,
+    )
+    lap("data_and_judges")
+    clip = clip_training.train_clip(
+        root / "clip",
+        clip_config,
+        real.pixels(training),
+        _style_captions(real, training, ink),
+        steps=settings.clip_steps,
+        batch_size=settings.clip_batch_size,
+        learning_rate=settings.clip_learning_rate,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+
+    lap("clip")
+
+    heavier = split["ordinary"][(ink[split["ordinary"]] > torch.quantile(ink, settings.generator_ink_quantile)).numpy()]
+    pipe = _train_generator(real, heavier, clip, seed, settings)
+    pipe.save_pretrained(root / "pipeline", safe_serialization=True)
+    lap("generator")
+
+    prompts = [generator.prompt_for(digit) for digit in range(10)]
+    sampling = {"guidance_scale": settings.guidance_scale, "num_inference_steps": settings.num_inference_steps}
+    base_pixels, base_digits = _sample_base(pipe, prompts, sampling, settings.figure_samples_per_prompt, seed)
+    _write_preview(
+        root / "preview.png", base_pixels, base_digits, real.pixels(split["target"]), real.digits[split["target"]]
+    )
+
+    figures = {
+        "base": _figures(judges, base_pixels, base_digits),
+        "target": _figures(judges, real.pixels(split["heldout_target"]), real.digits[split["heldout_target"]]),
+        "real_other": _figures(judges, real.pixels(split["heldout_other"]), real.digits[split["heldout_other"]]),
+    }
+    info = {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "settings": asdict(settings),
+        "style": asdict(style),
+        "prompts": prompts,
+        "prompt_digits": list(range(10)),
+        "sampling": sampling,
+        "sizes": {**{name: len(indices) for name, indices in split.items()}, "generator_training": len(heavier)},
+        "figures": figures,
+    }
+    lap("figures")
+    return {**info, "phase_seconds": lap.seconds}
+
+
+def _split(real: RealDigits, has_style: torch.Tensor, settings: WorldSettings, rng: np.random.RandomState) -> dict:
+    """Real digits with the style become the target set or held-out targets; the others are held out or train."""
+    styled = rng.permutation(np.flatnonzero(has_style.numpy()))
+    plain = rng.permutation(np.flatnonzero(~has_style.numpy()))
+    return {
+        "target": np.sort(styled[settings.heldout_target :]),
+        "heldout_target": np.sort(styled[: settings.heldout_target]),
+        "heldout_other": np.sort(plain[: settings.heldout_other]),
+        "ordinary": np.sort(plain[settings.heldout_other :]),
+    }
+
+
+def _style_captions(real: RealDigits, indices: np.ndarray, ink: torch.Tensor) -> list[str]:
+    """Captions naming each digit, its ink quarter (the thinnest quarter is exactly the style) and its slant third."""
+    # bucketize puts x <= edge in the lower bin, so bin 0 is exactly "ink <= threshold", the style.
+    ink_bins = torch.bucketize(ink, torch.quantile(ink, torch.tensor([STYLE_QUANTILE, 0.5, 0.75])))
+    slants = slant(real.pixels())
+    slant_bins = torch.bucketize(slants, torch.quantile(slants, torch.tensor([1 / 3, 2 / 3])))
+    return [clip_training.caption(int(real.digits[i]), int(ink_bins[i]), int(slant_bins[i])) for i in indices]
+
+
+def _train_generator(
+    real: RealDigits, indices: np.ndarray, clip: torch.nn.Module, seed: int, settings: WorldSettings
+) -> StableDiffusionPipeline:
+    tokenizer = build_clip_tokenizer()
+    text_encoder = clip_training.text_encoder_from_clip(clip, tokenizer)
+    torch.manual_seed(seed + 2)
+    vae = generator.build_vae(settings.image_size)
+    latent_size = settings.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = generator.build_unet(latent_size, settings.unet_channels, text_encoder.config.hidden_size)
+    pixels = real.pixels(indices)
+    generator.train_vae(
+        vae,
+        pixels,
+        steps=settings.vae_steps,
+        batch_size=settings.vae_batch_size,
+        learning_rate=settings.vae_learning_rate,
+        generator=torch.Generator().manual_seed(seed + 3),
+    )
+    prompts = [generator.prompt_for(digit) for digit in range(10)] + [""]
+    generator.train_unet(
+        unet,
+        generator.encode(vae, pixels),
+        generator.encode_prompts(text_encoder, tokenizer, prompts),
+        real.digits[indices],
+        steps=settings.unet_steps,
+        batch_size=settings.unet_batch_size,
+        learning_rate=settings.unet_learning_rate,
+        ema_decay=settings.ema_decay,
+        generator=torch.Generator().manual_seed(seed + 4),
+    )
+    return generator.assemble_pipeline(vae, text_encoder, tokenizer, unet)
+
+
+def _sample_base(
+    pipe: StableDiffusionPipeline, prompts: list[str], sampling: dict, per_prompt: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe.set_progress_bar_config(disable=True)  # one bar over the prompts instead of one per pipeline call
+    batches, digits = [], []
+    for digit, prompt in enumerate(tqdm(prompts, desc="world: base samples", leave=False)):
+        output = pipe(
+            prompt,
+            num_images_per_prompt=per_prompt,
+            generator=torch.Generator().manual_seed(seed * 1000 + digit),
+            output_type="pt",
+            **sampling,
+        )
+        batches.append(output.images)
+        digits += [digit] * per_prompt
+    return torch.cat(batches), torch.tensor(digits)
+
+
+def _figures(judges: Judges, pixels: torch.Tensor, digits: torch.Tensor) -> dict:
+    return {
+        "class_accuracy": round(judges.class_accuracy(pixels, digits), 4),
+        "style_rate": round(judges.style_rate(pixels), 4),
+        "count": len(digits),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Digit folders: PNG files named <index>_digit<d>.png
+
+
+_DIGIT_FILE = re.compile(r"_digit(\d)\.png$")
+
+
+def _write_digit_folder(folder: Path, real: RealDigits, indices: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in zip(indices, to_pil(real.pixels(indices)), strict=True):
+        image.save(folder / f"{int(index):04d}_digit{int(real.digits[index])}.png")
+
+
+def read_digit_folder(folder: str | Path) -> tuple[torch.Tensor, list[int]]:
+    """The images of a world digit folder as NCHW floats in [0, 1], with the digit each file name gives."""
+    paths = sorted(Path(folder).glob("*_digit[0-9].png"))
+    if not paths:
+        raise WorldError(f"no digit images in {folder}")
+    digits = [int(_DIGIT_FILE.search(path.name).group(1)) for path in paths]
+    return to_pixels([load_image(path) for path in paths]), digits
+
+
+def _write_preview(
+    path: Path, base: torch.Tensor, base_digits: torch.Tensor, target: torch.Tensor, target_digits: torch.Tensor
+) -> None:
+    """One row per digit: base samples on the left, real target-style digits on the right."""
+    columns = 8
+    rows = []
+    for digit in range(10):
+        left = base[base_digits == digit][:columns]
+        right = target[target_digits == digit][:columns]
+        cells = [*left, *([torch.zeros_like(base[0])] * (columns - len(left))), torch.ones_like(base[0]) * 0.5]
+        cells += [*right, *([torch.zeros_like(base[0])] * (columns - len(right)))]
+        rows.append(torch.cat(cells, dim=2))
+    grid = to_pil(torch.cat(rows, dim=1)[None])[0]
+    grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(path)
+
+
+__all__ = [
+    "World",
+    "WorldError",
+    "WorldSettings",
+    "build_world",
+    "default_world_dir",
+    "ensure_world",
+    "load_world",
+    "read_digit_folder",
+]

@@ -1,0 +1,70 @@
+"""The world's pixels: real digits at the world's resolution, and stroke-style measures taken on any image.
+
+Every measure first brings an image back to the 8x8 grid of scikit-learn's digits (grayscale, area-averaged), so it
+reads a 16 px generated digit, a PNG of a real digit and a PIL image the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from ganrm_diffusers.images import to_pixels
+
+DIGIT_GRID = 8  # scikit-learn's digits are 8x8, values 0..16
+
+
+@dataclass
+class RealDigits:
+    """scikit-learn's 1797 digits as the world shows them: RGB uint8 NCHW (grayscale replicated), white ink on black."""
+
+    images: torch.Tensor
+    digits: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def pixels(self, indices: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        """Float NCHW in [0, 1], the form a diffusers pipeline returns with output_type="pt"."""
+        images = self.images if indices is None else self.images[torch.as_tensor(indices)]
+        return images.float() / 255.0
+
+
+def load_real_digits(image_size: int) -> RealDigits:
+    """The bundled digits upscaled (bilinear) to `image_size` and quantised to uint8, exactly as saved as PNG."""
+    bunch = load_digits()
+    grid = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
+    upscaled = F.interpolate(grid, size=image_size, mode="bilinear", align_corners=False).clamp(0, 1)
+    images = (upscaled * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return RealDigits(images=images, digits=torch.tensor(bunch.target, dtype=torch.long))
+
+
+def digit_grid(images: object) -> torch.Tensor:
+    """N x 8 x 8 grayscale in [0, 1]: any accepted image form, area-averaged down to the digits' own grid."""
+    pixels = to_pixels(images).cpu()
+    gray = pixels.mean(dim=1, keepdim=True)
+    return F.adaptive_avg_pool2d(gray, DIGIT_GRID)[:, 0]
+
+
+def ink(images: object) -> torch.Tensor:
+    """Mean ink of each image on the 8x8 grid (0 = blank, 1 = all white): thin strokes use little ink."""
+    return digit_grid(images).flatten(1).mean(dim=1)
+
+
+def slant(images: object) -> torch.Tensor:
+    """Horizontal shift of the ink per row going up (positive = leaning right), from the ink's second moments."""
+    gray = to_pixels(images).cpu().mean(dim=1)
+    size = gray.shape[-1]
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
+    mass = gray.sum(dim=(1, 2)).clamp_min(1e-6)
+    mean_x = (gray * xs).sum(dim=(1, 2)) / mass
+    mean_y = (gray * ys).sum(dim=(1, 2)) / mass
+    dx, dy = xs - mean_x[:, None, None], ys - mean_y[:, None, None]
+    # Image rows grow downwards, so a right lean has x decreasing with y: the sign is flipped.
+    return -(gray * dx * dy).sum(dim=(1, 2)) / (gray * dy * dy).sum(dim=(1, 2)).clamp_min(1e-6)

@@ -1,0 +1,203 @@
+"""The embedded digits world: it loads the way users' models load, its judges judge, and a seed fixes it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from ganrm_diffusers.cli import main as ganrm_main
+from ganrm_diffusers.world import (
+    Judges,
+    WorldError,
+    build_clip_tokenizer,
+    default_world_dir,
+    ensure_world,
+    load_world,
+)
+
+
+def test_pipeline_loads_with_plain_diffusers_offline(reduced_world):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    pipe = StableDiffusionPipeline.from_pretrained(reduced_world.pipeline_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.safety_checker is None and len(pipe.tokenizer) == 49408
+
+    output = pipe(
+        reduced_world.prompts[7],
+        num_inference_steps=2,
+        guidance_scale=reduced_world.sampling_kwargs["guidance_scale"],
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
+    size = reduced_world.info["settings"]["image_size"]
+    assert output.images.shape == (1, 3, size, size)  # the default height and width
+    assert 0.0 <= output.images.min() and output.images.max() <= 1.0
+    # Grayscale digits in RGB: the three channels are equal.
+    assert torch.equal(output.images[:, 0], output.images[:, 1]) and torch.equal(
+        output.images[:, 0], output.images[:, 2]
+    )
+
+
+def test_backbone_loads_through_open_clips_factory(reduced_world):
+    model, _, preprocess = open_clip.create_model_and_transforms(reduced_world.backbone)
+    saved = load_file(reduced_world.clip_dir / "open_clip_model.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+    target = Image.open(next(reduced_world.target_dir.glob("*.png")))
+    with torch.no_grad():
+        image_features = model.encode_image(preprocess(target)[None])
+        text_features = model.encode_text(
+            open_clip.get_tokenizer(reduced_world.backbone)(["a thin handwritten digit 3"])
+        )
+    embed_dim = json.loads((reduced_world.clip_dir / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"]
+    assert image_features.shape == text_features.shape == (1, embed_dim)
+
+
+def test_reward_model_backbone_embeds_the_world_like_open_clip(reduced_world):
+    from ganrm_diffusers.backbone import ClipBackbone
+
+    backbone = ClipBackbone.load(reduced_world.backbone)
+    model, _, _ = open_clip.create_model_and_transforms(reduced_world.backbone)
+    pixels, _ = reduced_world.heldout_other_images()
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.encode_image(backbone.preprocess(pixels[:8])), dim=-1)
+    assert torch.allclose(backbone.encode_images(pixels[:8]), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a handwritten digit 7", "", "A thin, SLANTED digit 3!", "photo of 12 cats — très énorme", "don't  stop\tnow"],
+)
+def test_tokenizer_ids_match_open_clip(reduced_world, text):
+    expected = open_clip.tokenize([text])[0]
+    length = int((expected != 0).sum())
+    for tokenizer in (
+        build_clip_tokenizer(),
+        StableDiffusionPipeline.from_pretrained(reduced_world.pipeline_dir).tokenizer,
+    ):
+        assert len(tokenizer) == 49408
+        ids = tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+        assert ids[:length].tolist() == expected[:length].tolist()
+        assert (ids[length:] == tokenizer.eos_token_id).all()  # CLIP pads with <|endoftext|>
+
+
+def test_world_files_and_figures(reduced_world):
+    info = reduced_world.info
+    assert reduced_world.prompts == [f"a handwritten digit {d}" for d in range(10)]
+    assert reduced_world.prompt_digits == list(range(10))
+    assert set(reduced_world.sampling_kwargs) == {"guidance_scale", "num_inference_steps"}
+    for group in ("base", "target", "real_other"):
+        assert {"class_accuracy", "style_rate"} <= set(info["figures"][group])
+    assert info["build_seconds"] > 0
+
+    target, target_digits = reduced_world.target_images()
+    heldout_target, _ = reduced_world.heldout_target_images()
+    heldout_other, _ = reduced_world.heldout_other_images()
+    assert len(target) == info["sizes"]["target"] >= 300
+    assert len(heldout_target) == info["sizes"]["heldout_target"]
+    assert len(heldout_other) == info["sizes"]["heldout_other"]
+    assert sorted(set(target_digits)) == list(range(10))
+    # Held-out digits are files of their own: none of them is also in the target set.
+    names = {path.name for path in reduced_world.target_dir.glob("*.png")}
+    assert names.isdisjoint(path.name for path in reduced_world.heldout_target_dir.glob("*.png"))
+    assert (reduced_world.root / "preview.png").is_file()
+
+
+def test_judges_read_real_digits(reduced_world):
+    judges = reduced_world.judges
+    target, target_digits = reduced_world.heldout_target_images()
+    other, other_digits = reduced_world.heldout_other_images()
+    # The style is defined on pixels, and the PNG files are the very pixels it was decided on.
+    assert judges.style_rate(target) == 1.0
+    assert judges.style_rate(other) == 0.0
+    assert (judges.style_measure(target) >= 0).all() and (judges.style_measure(other) < 0).all()
+    # The class judge never saw held-out digits.
+    assert judges.class_accuracy(target, target_digits) >= 0.9
+    assert judges.class_accuracy(other, other_digits) >= 0.9
+    assert judges.class_accuracy(other, [(d + 1) % 10 for d in other_digits]) <= 0.1
+
+
+def test_judges_read_every_image_form_alike(reduced_world):
+    judges = reduced_world.judges
+    pixels, digits = reduced_world.heldout_other_images()
+    pixels, digits = pixels[:12], digits[:12]
+    forms = {
+        "nchw": pixels,
+        "nhwc": pixels.permute(0, 2, 3, 1).contiguous(),
+        "uint8": (pixels * 255).round().to(torch.uint8),
+        "pil": [
+            Image.fromarray(np.asarray(image))
+            for image in (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        ],
+        "upscaled": torch.nn.functional.interpolate(pixels, scale_factor=4, mode="nearest"),
+    }
+    measures = {name: judges.style_measure(images) for name, images in forms.items()}
+    predictions = {name: judges.predict_digits(images) for name, images in forms.items()}
+    for name in forms:
+        assert torch.allclose(measures[name], measures["nchw"], atol=1e-5), name
+        assert (predictions[name] == predictions["nchw"]).all(), name
+    assert judges.class_accuracy(forms["pil"], digits) == judges.class_accuracy(pixels, digits)
+
+
+def test_judges_reload_identically(reduced_world, tmp_path):
+    pixels, _ = reduced_world.heldout_target_images()
+    copy = Judges.load(reduced_world.judges.save(tmp_path / "judge"))
+    assert (copy.predict_digits(pixels) == reduced_world.judges.predict_digits(pixels)).all()
+    assert torch.equal(copy.style_measure(pixels), reduced_world.judges.style_measure(pixels))
+
+
+def test_same_seed_builds_the_same_world(reduced_world, tmp_path, capsys):
+    # The second build goes through the CLI, which tests `ganrm world build` on the way.
+    assert ganrm_main(["world", "build", "--reduced", "--seed", "0", "--out", str(tmp_path / "again")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    again = load_world(printed["world"])
+    for weights in (
+        "pipeline/unet/diffusion_pytorch_model.safetensors",
+        "pipeline/vae/diffusion_pytorch_model.safetensors",
+        "pipeline/text_encoder/model.safetensors",
+        "clip/open_clip_model.safetensors",
+    ):
+        first, second = load_file(reduced_world.root / weights), load_file(again.root / weights)
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[key], second[key]) for key in first), weights
+    assert again.info["figures"] == reduced_world.info["figures"]
+    assert sorted(p.name for p in again.target_dir.iterdir()) == sorted(
+        p.name for p in reduced_world.target_dir.iterdir()
+    )
+
+
+def test_ensure_world_loads_without_rebuilding(reduced_world):
+    stamp = (reduced_world.root / "world.json").stat().st_mtime_ns
+    world = ensure_world(reduced_world.root, seed=0, preset="reduced")
+    assert world.root == reduced_world.root and (world.root / "world.json").stat().st_mtime_ns == stamp
+
+
+def test_missing_world_is_a_clear_error(tmp_path):
+    with pytest.raises(WorldError, match="no world in"):
+        load_world(tmp_path)
+    with pytest.raises(WorldError, match="unknown world preset"):
+        ensure_world(tmp_path, preset="huge")
+
+
+def test_world_path_command(capsys):
+    assert ganrm_main(["world", "path"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(default_world_dir())
+    assert printed.startswith(os.environ["GANRM_HOME"])  # the test session's private cache
+
+
+@pytest.mark.parametrize("argv", [["world", "--help"], ["world", "build", "--help"], ["world", "path", "--help"]])
+def test_world_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ganrm_main(argv)
+    assert exit_info.value.code == 0
+    assert "world" in capsys.readouterr().out

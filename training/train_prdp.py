@@ -1,0 +1,257 @@
+"""PRDP (Deng et al., CVPR 2024) online with a GAN-RM reward, as a LoRA: reward-difference regression with proximal
+clipping on trajectories the model samples itself.
+
+    accelerate launch training/train_prdp.py --pretrained_model PIPELINE --reward_model RM --prompts prompts.txt \
+        --output_dir out/prdp
+
+Each epoch: theta_old is the current LoRA; N prompts are drawn and B trajectories sampled for each (DDIM, eta > 0,
+guidance) with their per-step log-probabilities, scored by the reward model; then K gradient steps on
+max((D - R/beta)^2, (D_clip - R/beta)^2) over all pairs of trajectories of the same prompt, D the difference of the
+pair's log-ratios to the frozen reference (the UNet with its LoRA off), averaged over the stochastic steps, D_clip
+the same with every per-step ratio clipped to theta_old's +- eps (ganrm_diffusers.losses.prdp_loss).
+
+Defaults are the authors' small-scale settings (K 10, N 32, B 16, beta 3e-5, eps 1e-6, 50 DDIM steps with eta 1,
+guidance 5, AdamW lr 1e-5, weight decay 1e-4, grad-norm clip 1). Scale convention: log-probabilities are means
+over latent elements and ratios means over steps, so beta and eps are per element and per step; rewards enter as
+reward_scale * GAN-RM logit (see --reward_scale).
+
+The loss depends on all steps of a trajectory at once (through the mean over T), yet all B x T UNet evaluations
+cannot keep their graphs at once on a real model. Each gradient step therefore takes the loss's gradient with
+respect to the per-step log-ratios first (no UNet graph), then backpropagates `coefficient x log-prob` one chunk
+of (samples, step) at a time: the exact gradient in bounded memory. Chunks whose coefficients are all zero (every
+ratio clipped) are skipped.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ganrm_diffusers.finetune import (
+    FinetuneConfig,
+    FinetuneRun,
+    TrainingConfigError,
+    checkpoint,
+    evaluate_reward,
+    finish_run,
+    make_optimizer,
+    optimizer_step,
+    option,
+    parse_config,
+    read_prompts,
+    resume_if_asked,
+    score_images,
+    setup_run,
+)
+from ganrm_diffusers.losses import prdp_loss
+from ganrm_diffusers.sampling import Trajectory
+
+BETA_HELP = (
+    "KL strength: the regression target of a pair is (reward difference) / beta, rewards being reward_scale x "
+    "GAN-RM logits, log-ratios means over latent elements and over the stochastic steps (so beta is per element "
+    "and per step). The authors' 3e-5 (small scale) / 3e-6 (large scale) go with HPSv2 rewards"
+)
+REWARD_SCALE_HELP = (
+    "multiplies the GAN-RM logits before the loss. 1 keeps logits, whose gaps between samples of one prompt are "
+    "about 100x HPSv2's, so the same beta then means a 100x weaker KL tie to the reference"
+)
+
+
+@dataclass
+class PRDPConfig(FinetuneConfig):
+    """Online PRDP with a GAN-RM reward; defaults are the authors' small-scale hyperparameters."""
+
+    epochs: int = option(100, "epochs: each samples fresh trajectories, then takes inner_steps gradient steps")
+    inner_steps: int = option(10, "K: gradient steps per epoch on that epoch's trajectories")
+    prompts_per_epoch: int = option(32, "N: prompts drawn per epoch (split across processes)")
+    samples_per_prompt: int = option(16, "B: trajectories per prompt; pairs are only formed within a prompt")
+    beta: float = option(3e-5, BETA_HELP)
+    clip_eps: float = option(1e-6, "proximal clipping of each per-step log-ratio around theta_old's (per element)")
+    reward_scale: float = option(1.0, REWARD_SCALE_HELP)
+    # The authors' optimisation and sampling settings.
+    learning_rate: float = option(1e-5, "AdamW learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    eta: float = option(1.0, "DDIM eta of the sampled trajectories (> 0: PRDP needs stochastic steps)")
+    checkpoint_every: int = option(10, "write a checkpoint every this many epochs (an epoch's samples are not kept)")
+    max_train_steps: int = option(0, "unused by PRDP: it takes epochs x inner_steps optimizer steps")
+
+    @property
+    def method(self) -> str:
+        return "prdp"
+
+    def check(self) -> None:
+        self.max_train_steps = self.epochs * self.inner_steps
+        super().check()
+        if self.eta <= 0:
+            raise TrainingConfigError("PRDP needs stochastic steps: --eta must be > 0")
+        if self.samples_per_prompt < 2:
+            raise TrainingConfigError("PRDP compares trajectories of a prompt: --samples_per_prompt must be >= 2")
+
+
+@dataclass
+class EpochSamples:
+    """One process's share of an epoch: P prompts x B trajectories with their per-step log-probabilities under
+    theta_old and the reference (stochastic steps only), and rewards."""
+
+    trajectory: Trajectory
+    steps: list[int]
+    old_log_probs: torch.Tensor  # (P * B, S)
+    ref_log_probs: torch.Tensor  # (P * B, S)
+    rewards: torch.Tensor  # (P * B,)
+    logits: torch.Tensor  # (P * B,), the reward model's raw scores
+
+
+def draw_prompts(num_prompts: int, count: int, seed: int, epoch: int) -> np.ndarray:
+    """The prompt indices of an epoch (without repetition while there are enough prompts)."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.choice(num_prompts, size=count, replace=count > num_prompts)
+
+
+@torch.no_grad()
+def sample_epoch(run: FinetuneRun, prompts: list[str], epoch: int) -> EpochSamples:
+    config, accelerator = run.config, run.accelerator
+    drawn = draw_prompts(len(prompts), config.prompts_per_epoch, config.seed, epoch)
+    share = config.prompts_per_epoch // accelerator.num_processes
+    slots = range(accelerator.process_index * share, (accelerator.process_index + 1) * share)
+    per_prompt = config.samples_per_prompt
+    base = (config.seed * 7919 + epoch) * config.prompts_per_epoch * per_prompt
+    seeds = [base + slot * per_prompt + sample for slot in slots for sample in range(per_prompt)]
+    run.model.eval()
+    trajectory = run.sampler.sample(
+        [prompts[drawn[slot]] for slot in slots], seeds, height=config.resolution, width=config.resolution
+    )
+    steps = run.sampler.stochastic_steps
+    reference = torch.stack([run.sampler.reference_log_prob(trajectory, step, run.model) for step in steps], dim=1)
+    logits = score_images(run, trajectory.images, trajectory.prompts)
+    return EpochSamples(
+        trajectory=trajectory,
+        steps=steps,
+        old_log_probs=trajectory.log_probs[:, steps].float(),
+        ref_log_probs=reference.float(),
+        rewards=logits * config.reward_scale,
+        logits=logits,
+    )
+
+
+def prdp_step(run: FinetuneRun, samples: EpochSamples, current: torch.Tensor) -> dict:
+    """Backpropagate the PRDP loss at the current LoRA, whose per-step log-probabilities are `current` (no graph):
+    first d loss / d log-prob, then coefficient x log-prob through the UNet chunk by chunk."""
+    config, accelerator = run.config, run.accelerator
+    shape = (-1, config.samples_per_prompt, len(samples.steps))
+    leaf = current.detach().clone().requires_grad_()
+    loss = prdp_loss(
+        leaf.view(shape),
+        samples.old_log_probs.view(shape),
+        samples.ref_log_probs.view(shape),
+        samples.rewards.view(shape[:2]),
+        config.beta,
+        config.clip_eps,
+    )
+    loss.backward()
+    coefficients = leaf.grad
+    count = len(current)
+    pieces = [
+        (column, torch.arange(start, min(start + config.train_batch_size, count)))
+        for column in range(len(samples.steps))
+        for start in range(0, count, config.train_batch_size)
+    ]
+    # Skip all-zero pieces but keep at least one: the last backward is the one that synchronises processes.
+    active = [piece for piece in pieces if coefficients[piece[1], piece[0]].abs().sum() > 0] or pieces[-1:]
+    run.model.train()
+    for number, (column, rows) in enumerate(active):
+        last = number == len(active) - 1
+        with accelerator.no_sync(run.unet) if not last else nullcontext(), accelerator.autocast():
+            log_prob = run.sampler.log_prob(samples.trajectory.select(rows), samples.steps[column], run.unet)
+            accelerator.backward((coefficients[rows, column].to(log_prob.device) * log_prob).sum())
+    ratio = (current - samples.ref_log_probs).mean(dim=1)
+    moved = (current - samples.old_log_probs).abs()
+    return {
+        "loss": float(loss.detach()),
+        "clipped_fraction": float((moved > config.clip_eps).float().mean()),
+        "log_ratio": float(ratio.mean()),
+        "active_pieces": len(active) / len(pieces),
+    }
+
+
+@torch.no_grad()
+def current_log_probs(run: FinetuneRun, samples: EpochSamples) -> torch.Tensor:
+    run.model.eval()
+    return torch.stack([run.sampler.log_prob(samples.trajectory, step, run.model) for step in samples.steps], dim=1)
+
+
+def image_spread(images: torch.Tensor, per_prompt: int) -> float:
+    """Mean over prompts of the pixel standard deviation across a prompt's samples: it falls to 0 on collapse."""
+    grouped = images.float().view(-1, per_prompt, *images.shape[1:])
+    return float(grouped.std(dim=1).mean())
+
+
+CURVES = (
+    ("reward per epoch (on-policy samples)", ("reward", "eval_reward")),
+    ("PRDP loss", ("loss",)),
+    ("diversity: pixel std within a prompt", ("image_spread",)),
+)
+
+
+def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
+    """Run PRDP; returns the run's summary (also in output_dir/metrics.json)."""
+    config.check()
+    run = run or setup_run(config)
+    if run.reward_model is None:
+        raise TrainingConfigError("PRDP scores its samples: pass --reward_model")
+    prompts = read_prompts(config)
+    processes = run.accelerator.num_processes
+    if config.prompts_per_epoch % processes:
+        raise TrainingConfigError(
+            f"--prompts_per_epoch {config.prompts_per_epoch} must divide among {processes} processes"
+        )
+    optimizer, lr_scheduler = make_optimizer(run, config.epochs * config.inner_steps)
+    state = resume_if_asked(run, optimizer, lr_scheduler) or {"step": 0, "epoch": 0}
+    if state["epoch"] == 0 and (evaluation := evaluate_reward(run, prompts)):
+        run.metrics.append({"step": 0, "epoch": 0, **evaluation})
+    bar = tqdm(
+        range(state["epoch"], config.epochs),
+        initial=state["epoch"],
+        total=config.epochs,
+        desc="prdp epochs",
+        disable=not run.accelerator.is_local_main_process,
+    )
+    for epoch in bar:
+        samples = sample_epoch(run, prompts, epoch)
+        logs = []
+        for inner in range(config.inner_steps):
+            # At the first step the model is theta_old: its log-probabilities are the recorded ones.
+            current = samples.old_log_probs if inner == 0 else current_log_probs(run, samples)
+            step_logs = prdp_step(run, samples, current)
+            step_logs["grad_norm"] = optimizer_step(run, optimizer, lr_scheduler)
+            logs.append(step_logs)
+        step = (epoch + 1) * config.inner_steps
+        rewards = run.accelerator.gather(samples.logits)
+        record = {
+            "step": step,
+            "epoch": epoch + 1,
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "image_spread": image_spread(samples.trajectory.images, config.samples_per_prompt),
+            **{key: float(np.mean([entry[key] for entry in logs])) for key in logs[0]},
+            "lr": lr_scheduler.get_last_lr()[0],
+        }
+        if config.eval_every and (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            record.update(evaluate_reward(run, prompts))
+        run.metrics.append(record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3g}", refresh=False)
+        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+            checkpoint(run, step, optimizer, lr_scheduler, {"epoch": epoch + 1})
+    bar.close()
+    return finish_run(run, CURVES, {"epochs": config.epochs}, x_key="epoch")
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_config(PRDPConfig, argv))
+
+
+if __name__ == "__main__":
+    main()
