@@ -158,12 +158,21 @@ def train_demo_reward_model(world: object, negatives: SampleSet, pool: SampleSet
     )
 
 
-def run_demo(settings: DemoSettings) -> dict:
-    from ganrm_diffusers.world import ensure_world
+def _world(settings: DemoSettings) -> object:
+    """The world at `settings.world` (default: `ganrm world path`) as it is, whatever preset built it; built from
+    `settings.seed` only where there is none (or one of an older format)."""
+    from ganrm_diffusers.world import WorldError, ensure_world, load_world
 
+    try:
+        return load_world(settings.world)
+    except WorldError:
+        return ensure_world(settings.world, seed=settings.seed)
+
+
+def run_demo(settings: DemoSettings) -> dict:
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
-    world = ensure_world(settings.world, seed=settings.seed)
+    world = _world(settings)
     pipe = world.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(settings.seed)
@@ -208,6 +217,9 @@ def run_demo(settings: DemoSettings) -> dict:
                 world.judges,
                 prompts_per_digit=settings.eval_per_digit,
                 seed=settings.seed,
+                # --quick: best-of-8 and the default pruning only (the other rows run the same code).
+                extra_prune_settings={} if settings.quick else None,
+                stochastic=not settings.quick,
                 **world.sampling_kwargs,
             )
         )
@@ -243,7 +255,8 @@ def _cell(value: object) -> str:
 
 def methods_table(methods: dict[str, dict]) -> str:
     columns = ["style_rate", "class_accuracy", "mean_reward", "reward_gain", "unet_evaluations", "seconds"]
-    columns += sorted({key for row in methods.values() for key in row if key in ("peak_memory_mb", "unet_cost")})
+    optional = ("unet_cost", "reward_gain_kept", "style_gain_kept", "train_seconds", "peak_rss_mib", "peak_cuda_mib")
+    columns += [key for key in optional if any(key in row for row in methods.values())]
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in methods.items():
         lines.append(f"| {name} | " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
@@ -278,8 +291,12 @@ real target digit, `*` = a base sample with the style).
 {methods_table(report["methods"])}
 
 `base`: one sample per prompt from the base model. Selection rows (best-of-N, pruning, FK resampling) come with a
-`random_candidate` row, the mean over all their candidates; `reward_gain` is measured against it. Fine-tuned rows
-(`sft`, `dpo`, `prdp`) sample the evaluation prompts with their LoRA (kept in `lora/<method>/`).
+`random_candidate` row, the mean over all their candidates; `reward_gain` is measured against it, and `unet_cost`,
+`reward_gain_kept` and `style_gain_kept` against full best-of-N with the same sampler (`*_eta1` and `fk_*` rows:
+DDIM eta = 1, which FK resampling needs). `unet_evaluations` counts latents through the UNet (guidance doubles
+them); `seconds` is sampling time. Fine-tuned rows (`sft`, `dpo`, `prdp`) sample the evaluation prompts and seeds of
+`base` with their LoRA (kept in `lora/<method>/`); `train_seconds` and `peak_rss_mib` are the fine-tuning run's
+(peak resident memory of the demo process, which already held the rest of the demo).
 
 ## Pictures
 """

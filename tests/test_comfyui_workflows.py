@@ -13,6 +13,7 @@ import json
 import os
 
 import comfyui_support
+import numpy as np
 import pytest
 import torch
 from conftest import make_property_images, write_images
@@ -119,7 +120,7 @@ def test_sd15_with_a_lora_from_our_trainers_then_best_of_n(sd15_server):
     def saved_pixels(entry):
         (path,) = comfyui_support.output_files(sd15_server.tree, entry, "9")
         with Image.open(path) as image:
-            return torch.tensor(list(image.getdata()), dtype=torch.float32)
+            return torch.from_numpy(np.asarray(image, dtype=np.float32))
 
     # Same seed, same prompt: only the LoRA differs, and it must change the picture.
     assert not torch.equal(saved_pixels(with_lora), saved_pixels(without_lora))
