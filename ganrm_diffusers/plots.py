@@ -66,13 +66,30 @@ def score_grid(
     return grid
 
 
-def plot_training_curves(history: Sequence[dict], path: str | Path, title: str = "GAN-RM head training") -> Path:
-    """Train/validation loss and validation AUC per epoch, with a line where each bootstrapping round starts."""
+def _pyplot():
+    """matplotlib's pyplot on the headless Agg backend (imported late: only plotting needs it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(figure: object, path: str | Path, title: str) -> Path:
+    """Title, lay out and write `figure` as PNG (creating the folder), then free it."""
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+    return path
+
+
+def plot_training_curves(history: Sequence[dict], path: str | Path, title: str = "GAN-RM head training") -> Path:
+    """Train/validation loss and validation AUC per epoch, with a line where each bootstrapping round starts."""
+    plt = _pyplot()
     steps = list(range(len(history)))
     figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
     loss_axis.plot(steps, [row["train_loss"] for row in history], label="train loss")
@@ -87,13 +104,7 @@ def plot_training_curves(history: Sequence[dict], path: str | Path, title: str =
     auc_axis.set(xlabel="epoch (all rounds)", ylabel="AUC", title="held-out AUC")
     loss_axis.legend()
     auc_axis.legend(loc="lower right")
-    figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path, title)
 
 
 def plot_metric_curves(
@@ -104,11 +115,7 @@ def plot_metric_curves(
     x_key: str = "step",
 ) -> Path:
     """One panel per (title, metric keys) of a trainer's metrics records, against `x_key`; missing values skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for axis, (panel_title, keys) in zip(axes[0], panels, strict=True):
         for key in keys:
@@ -122,10 +129,4 @@ def plot_metric_curves(
         axis.set(xlabel=x_key, title=panel_title)
         if axis.lines:
             axis.legend(fontsize=8)
-    figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path, title)

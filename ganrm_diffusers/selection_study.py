@@ -152,24 +152,22 @@ def selection_rows(
             **kwargs,
         )
 
-    def row(result: _Run, full: _Run, baseline: dict, extra: dict | None = None) -> dict:
-        judged = _judged(judges, result.images, digits)
+    def row(result: _Run, full_row: dict | None, baseline: dict, extra: dict | None = None) -> dict:
+        """The row of `result`; its cost and kept gains relative to `full_row` (None: it is the full best-of-N)."""
         mean_reward = float(result.scores.mean())
-        gain = mean_reward - baseline["mean_reward"]
-        full_gain = float(full.scores.mean()) - baseline["mean_reward"]
-        full_style_gain = _judged(judges, full.images, digits)["style_rate"] - baseline["style_rate"]
-        return {
-            **judged,
+        figures = {
+            **_judged(judges, result.images, digits),
             "mean_reward": mean_reward,
-            "reward_gain": gain,
+            "reward_gain": mean_reward - baseline["mean_reward"],
             "unet_evaluations": result.unet_rows,
             "seconds": result.seconds,
             "selections": len(result.scores),
-            "unet_cost": result.unet_rows / full.unet_rows,
-            "reward_gain_kept": gain / full_gain if full_gain else float("nan"),
-            "style_gain_kept": (judged["style_rate"] - baseline["style_rate"]) / full_style_gain
-            if full_style_gain
-            else float("nan"),
+        }
+        full_row = full_row or figures
+        return {
+            **figures,
+            "unet_cost": figures["unet_evaluations"] / full_row["unet_evaluations"],
+            **_gains_kept(figures, full_row, baseline),
             **(extra or {}),
         }
 
@@ -188,25 +186,27 @@ def selection_rows(
     default = PruneSchedule()
     full = run(name, keep_candidates=True)
     rows["random_candidate"] = baseline = random_candidate(full)
-    rows[name] = row(full, full, baseline)
-    rows[f"{name}_pruned"] = row(run(f"{name} pruned", prune=default), full, baseline, {"prune": _describe(default)})
+    rows[name] = full_row = row(full, None, baseline)
+    rows[f"{name}_pruned"] = row(
+        run(f"{name} pruned", prune=default), full_row, baseline, {"prune": _describe(default)}
+    )
     for label, schedule in (EXTRA_PRUNE_SETTINGS if extra_prune_settings is None else extra_prune_settings).items():
-        rows[label] = row(run(label, prune=schedule), full, baseline, {"prune": _describe(schedule)})
+        rows[label] = row(run(label, prune=schedule), full_row, baseline, {"prune": _describe(schedule)})
 
     if stochastic:
         full_eta = run(f"{name} eta=1", keep_candidates=True, eta=1.0)
         rows["random_candidate_eta1"] = baseline_eta = random_candidate(full_eta)
-        rows[f"{name}_eta1"] = row(full_eta, full_eta, baseline_eta, {"eta": 1.0})
+        rows[f"{name}_eta1"] = full_eta_row = row(full_eta, None, baseline_eta, {"eta": 1.0})
         rows[f"{name}_pruned_eta1"] = row(
             run(f"{name} pruned eta=1", prune=default, eta=1.0),
-            full_eta,
+            full_eta_row,
             baseline_eta,
             {"eta": 1.0, "prune": _describe(default)},
         )
         fk_same_cost = FKResampling(at=default.at, keep=default.keep, lambda_=fk_lambda)
         rows["fk_resample_same_cost_as_pruned"] = row(
             run("FK same cost", prune=fk_same_cost, eta=1.0),
-            full_eta,
+            full_eta_row,
             baseline_eta,
             {"eta": 1.0, "prune": _describe(fk_same_cost)},
         )
@@ -214,11 +214,21 @@ def selection_rows(
         fk_particles = FKResampling(at=(0.2, 0.4, 0.6), lambda_=fk_lambda)
         rows[f"fk_{half}_particles"] = row(
             run(f"FK {half} particles", candidates=half, prune=fk_particles, eta=1.0),
-            full_eta,
+            full_eta_row,
             baseline_eta,
             {"eta": 1.0, "prune": _describe(fk_particles), "particles": half},
         )
     return rows
+
+
+def _gains_kept(row: dict, full_row: dict, baseline: dict) -> dict:
+    """The shares of full best-of-N's reward and style gains over `baseline` (random candidates) that `row` keeps."""
+
+    def kept(key: str) -> float:
+        full_gain = full_row[key] - baseline[key]
+        return (row[key] - baseline[key]) / full_gain if full_gain else float("nan")
+
+    return {"reward_gain_kept": kept("mean_reward"), "style_gain_kept": kept("style_rate")}
 
 
 @dataclass
@@ -353,12 +363,7 @@ def pruning_sweep(
     rows = {"random_candidate": {**baseline, "reward_gain": 0.0}, f"best_of_{num_candidates}": full}
     for label, schedule in schedules.items():
         simulated = row(_simulated_choice(schedule, probe), schedule.cost_fraction(num_candidates, num_inference_steps))
-        simulated["reward_gain_kept"] = simulated["reward_gain"] / full["reward_gain"]
-        style_gain = full["style_rate"] - baseline["style_rate"]
-        simulated["style_gain_kept"] = (
-            (simulated["style_rate"] - baseline["style_rate"]) / style_gain if style_gain else float("nan")
-        )
-        rows[label] = {**simulated, "prune": _describe(schedule)}
+        rows[label] = {**simulated, **_gains_kept(simulated, full, baseline), "prune": _describe(schedule)}
     return rows
 
 
