@@ -8,11 +8,12 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 INSTALLED := $(VENV)/.ganrm-installed
 COMFYUI_INSTALLED := $(VENV)/.comfyui-installed
 DEMO_OUT ?= demo-out
+BENCH_OUT ?= bench-out
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-comfyui-e2e lint install comfyui bench clean
+.PHONY: demo test test-comfyui-e2e lint install comfyui bench readme clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,12 +48,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Speed targets, each a ratio measured side by side in one run (bench/train_step.py compares with diffusers' DPO
-# script when given --diffusers-script PATH; see its docstring).
+# Speed targets, each a ratio measured side by side in one run and printed with its goal; every script also writes
+# $(BENCH_OUT)/<name>.json (the format: bench/results.py).
 bench: install
-	$(BIN)/python bench/scoring.py
-	$(BIN)/python bench/best_of_n.py
-	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/scoring.py --out $(BENCH_OUT)/scoring.json
+	$(BIN)/python bench/best_of_n.py --out $(BENCH_OUT)/best_of_n.json
+	$(BIN)/python bench/train_step.py --out $(BENCH_OUT)/train_step.json
+
+# README's results and speed figures, rewritten from `make demo`'s report and `make bench`'s files (run both first).
+readme: | $(BIN)/python
+	$(BIN)/python scripts/readme_figures.py --report $(DEMO_OUT)/report.json --bench $(BENCH_OUT) --readme README.md
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

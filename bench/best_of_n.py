@@ -8,8 +8,8 @@ and the same seeds, side by side in one run (interleaved, medians over repeats, 
 Both runs denoise the same N latents from the same seeds; the reward-guided run also scores the N decoded images
 on the device and keeps the best. Runs alternate (base, guided, base, ...); each time is the fastest of the timed
 rounds (as timeit does: other processes only ever add time), with the median beside it. Prints both times, the
-scoring time alone (the reward model on the N decoded images), and last `overhead <guided time / base time>`
-(goal: at most 1.03).
+scoring time alone (the reward model on the N decoded images), and `RATIO best_of_n_overhead <guided time / base
+time> (goal <= 1.03: ...)`; writes bench-out/best_of_n.json (`--out`; the format is in bench/results.py).
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from results import Comparison, Figure, add_out_argument, device_name, write_results  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from ganrm_diffusers.pipeline import RewardGuidedPipeline  # noqa: E402
@@ -116,7 +118,10 @@ def _timed(device: torch.device, function) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def main() -> None:
+GOAL = 1.03  # reward-guided pipeline / base pipeline
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", help="a saved SD 1.x/2.x pipeline folder (default: a random SD-shaped one)")
     parser.add_argument("--clip", help="open_clip local-dir of the reward model's backbone (default: a small one)")
@@ -128,37 +133,50 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fp16", action="store_true", help="half precision (GPU)")
     parser.add_argument("--threads", type=int, default=2)
+    add_out_argument(parser, "best_of_n")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), torch.float16 if args.fp16 else torch.float32
+    return args
 
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.sd15:
-            base, reward_model, label = (
-                random_sd_pipeline(SD15),
-                GANRewardModel(backbone="ViT-H-14", pretrained=None),
-                "SD1.5 512 px + ViT-H-14",
-            )
-        else:
-            base = (
-                StableDiffusionPipeline.from_pretrained(args.pipeline) if args.pipeline else random_sd_pipeline(SMALL)
-            )
-            reward_model = (
-                GANRewardModel(backbone=f"local-dir:{args.clip}", pretrained=None)
-                if args.clip
-                else small_reward_model(Path(scratch))
-            )
-            label = args.pipeline or "small SD-shaped pipeline 32 px + small CLIP"
-    base.to(device, dtype)
-    base.set_progress_bar_config(disable=True)
-    guided = RewardGuidedPipeline.from_pipe(base, reward_model=reward_model.to(device, dtype))
-    guided.set_progress_bar_config(disable=True)
 
-    prompt, count = "a photo of a cat", args.num_candidates
-    seeds = list(range(1000, 1000 + count))
+def build_models(args: argparse.Namespace, scratch: Path) -> tuple[StableDiffusionPipeline, GANRewardModel, str]:
+    """The base pipeline, the reward model and a label saying what they are."""
+    if args.sd15:
+        return random_sd_pipeline(SD15), GANRewardModel(backbone="ViT-H-14", pretrained=None), "SD1.5 512 px + ViT-H-14"
+    base = StableDiffusionPipeline.from_pretrained(args.pipeline) if args.pipeline else random_sd_pipeline(SMALL)
+    reward_model = (
+        GANRewardModel(backbone=f"local-dir:{args.clip}", pretrained=None) if args.clip else small_reward_model(scratch)
+    )
+    return base, reward_model, args.pipeline or "small SD-shaped pipeline 32 px + small CLIP"
+
+
+def run_settings(args: argparse.Namespace, label: str, dtype: torch.dtype) -> dict:
+    return {
+        "models": label,
+        "num_candidates": args.num_candidates,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "device": device_name(args.device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": args.threads,
+        "repeats": args.repeats,
+    }
+
+
+@dataclass
+class Timings:
+    base: list[float]  # seconds of each timed round
+    guided: list[float]
+    scoring: list[float]
+    same_image: bool  # the selected image equals the base pipeline's image of its seed
+
+
+def time_rounds(base, guided, reward_model: GANRewardModel, args: argparse.Namespace) -> Timings:
+    """Base and reward-guided runs alternating (`--repeats` timed rounds after a dropped warm-up round), then the
+    reward model alone on the base run's images."""
+    device, count = torch.device(args.device), args.num_candidates
+    prompt, seeds = "a photo of a cat", list(range(1000, 1000 + count))
     settings = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "output_type": "pt"}
 
     def run_base():
@@ -169,7 +187,7 @@ def main() -> None:
         return guided(prompt, num_candidates=count, seeds=seeds, **settings)
 
     base_times, guided_times = [], []
-    for _ in range(args.repeats + 1):  # the first round warms up and is dropped
+    for _ in range(args.repeats + 1):
         base_time, base_images = _timed(device, run_base)
         guided_time, output = _timed(device, run_guided)
         base_times.append(base_time)
@@ -179,19 +197,56 @@ def main() -> None:
     score_times = [
         _timed(device, lambda: reward_model.score(base_images, batch_size=count))[0] for _ in range(args.repeats + 1)
     ]
+    return Timings(base_times[1:], guided_times[1:], score_times[1:], bool(same))
 
-    base_time, guided_time, score_time = min(base_times[1:]), min(guided_times[1:]), min(score_times[1:])
-    print(f"{label}: {count} candidates, {args.steps} steps, guidance {args.guidance_scale}, {device} {dtype}")
+
+def report(timings: Timings, args: argparse.Namespace, label: str, dtype: torch.dtype) -> None:
+    """Print the times and write the results file."""
+    count = args.num_candidates
+    base_time, guided_time, score_time = min(timings.base), min(timings.guided), min(timings.scoring)
+    print(f"{label}: {count} candidates, {args.steps} steps, guidance {args.guidance_scale}, {args.device} {dtype}")
     print(
-        f"base pipeline, num_images_per_prompt={count}: {base_time:.3f} s (median {statistics.median(base_times[1:]):.3f} s)"
+        f"base pipeline, num_images_per_prompt={count}: {base_time:.3f} s "
+        f"(median {statistics.median(timings.base):.3f} s)"
     )
     print(
         f"RewardGuidedPipeline, num_candidates={count}:  {guided_time:.3f} s "
-        f"(median {statistics.median(guided_times[1:]):.3f} s)"
+        f"(median {statistics.median(timings.guided):.3f} s)"
     )
-    print(f"selected image equals the base pipeline's image of its seed: {same}")
+    print(f"selected image equals the base pipeline's image of its seed: {timings.same_image}")
     print(f"scoring alone ({count} images): {score_time * 1000:.1f} ms ({score_time / base_time:.2%} of the base run)")
-    print(f"overhead {guided_time / base_time:.3f}")
+    run = run_settings(args, label, dtype)
+    comparison = Comparison(
+        name="best_of_n_overhead",
+        ours=f"RewardGuidedPipeline, num_candidates={count} (scoring and selection included)",
+        reference=f"the base pipeline, num_images_per_prompt={count}, same seeds",
+        ours_seconds=guided_time,
+        reference_seconds=base_time,
+        goal_max=GOAL,
+        settings={**run, "statistic": f"fastest of {args.repeats} interleaved rounds (1 warm-up round dropped)"},
+    )
+    figures = [
+        Figure("scoring_share", score_time / base_time, "fraction", f"scoring alone ({count} images) / the base run"),
+        Figure(
+            "selected_equals_base", timings.same_image, "", "the selected image equals the base pipeline's of its seed"
+        ),
+    ]
+    write_results(args.out, "best_of_n", run, [comparison], figures)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), torch.float16 if args.fp16 else torch.float32
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as scratch:
+        base, reward_model, label = build_models(args, Path(scratch))
+    base.to(device, dtype)
+    base.set_progress_bar_config(disable=True)
+    guided = RewardGuidedPipeline.from_pipe(base, reward_model=reward_model.to(device, dtype))
+    guided.set_progress_bar_config(disable=True)
+    report(time_rounds(base, guided, reward_model, args), args, label, dtype)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 Weights are random (throughput does not depend on their values). `score` gets the images as a float tensor in
 [0, 1] (what diffusers and ComfyUI hand over) and does everything itself: preprocessing on the device, the encoder
 and the head; `encode_image` gets an already normalised tensor. Also times head training on 500 + 500 cached
-embeddings. The last line is `ratio <score time / encode time>` (goal: at most 1.05).
+embeddings. Prints `RATIO score_vs_encode_image <score time / encode time> (goal <= 1.05: ...)` and writes
+bench-out/scoring.json (`--out`; the format is in bench/results.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results import Comparison, Figure, add_out_argument, device_name, write_results  # noqa: E402
 
 from ganrm_diffusers.reward_model import GANRewardModel  # noqa: E402
 from ganrm_diffusers.rm_training import RewardDataset, RewardTrainingConfig, reset_head, train_head  # noqa: E402
@@ -63,7 +65,10 @@ def time_head_training(model: GANRewardModel, count: int = 500, seed: int = 0) -
     return time.perf_counter() - start, result.metrics
 
 
-def main() -> None:
+GOAL = 1.05  # score / encode_image
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=16)
@@ -72,29 +77,52 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fp16", action="store_true", help="half precision (GPU)")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    add_out_argument(parser, "scoring")
+    return parser.parse_args()
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    return {
+        "backbone": f"{args.backbone} (random weights)",
+        "batch": args.batch,
+        "size": args.size,
+        "device": device_name(args.device),
+        "dtype": "fp16" if args.fp16 else "fp32",
+        "threads": args.threads,
+        "repeats": args.repeats,
+    }
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    settings = run_settings(args)
 
     model = GANRewardModel(backbone=args.backbone, pretrained=None).to(device)
     if args.fp16:
         model.to(torch.float16)
     images = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
-    print(
-        f"backbone {args.backbone} (random weights), batch {args.batch} x {args.size} px, {device}, "
-        f"{'fp16' if args.fp16 else 'fp32'}, {args.threads} threads"
-    )
+    print(", ".join(f"{key} {value}" for key, value in settings.items()))
 
     seconds, metrics = time_head_training(model)
-    print(
-        f"head training on 500 + 500 cached embeddings of size {model.config.embed_dim}: {seconds:.2f} s "
-        f"({metrics['epochs']} epochs, held-out AUC {metrics['val_auc']:.3f})"
-    )
+    head = f"head training on 500 + 500 cached embeddings of size {model.config.embed_dim}"
+    print(f"{head}: {seconds:.2f} s ({metrics['epochs']} epochs, held-out AUC {metrics['val_auc']:.3f})")
 
     score_seconds, encode_seconds = time_pair(model, images, args.repeats)
     print(f"encode_image (preprocessed input): {encode_seconds * 1000:.1f} ms")
     print(f"GANRewardModel.score (float input, preprocessing + head included): {score_seconds * 1000:.1f} ms")
-    print(f"ratio {score_seconds / encode_seconds:.3f}")
+    comparison = Comparison(
+        name="score_vs_encode_image",
+        ours=f"GANRewardModel.score on float images in [0, 1] ({args.backbone}, preprocessing and head included)",
+        reference="open_clip encode_image on preprocessed images",
+        ours_seconds=score_seconds,
+        reference_seconds=encode_seconds,
+        goal_max=GOAL,
+        settings={**settings, "statistic": f"median of {args.repeats} interleaved runs (2 warm-up runs dropped)"},
+    )
+    figure = Figure("head_training_seconds", seconds, "s", f"{head} ({metrics['epochs']} epochs)")
+    write_results(args.out, "scoring", settings, [comparison], [figure])
 
 
 if __name__ == "__main__":

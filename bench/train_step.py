@@ -1,21 +1,28 @@
-"""Training step time: our Diffusion-DPO trainer against diffusers' research script, and our PRDP step against our
-DPO step, on the same UNet and batch.
+"""Training step time: our Diffusion-DPO trainer against a reference DPO step, and our PRDP step against our DPO
+step, on the same UNet and batch.
 
-    python bench/train_step.py --diffusers-script /tmp/scratch/train_diffusion_dpo.py     # tiny SD-shaped UNet (CPU)
-    python bench/train_step.py --pipeline DIR --diffusers-script ...                       # any saved SD pipeline
-    python bench/train_step.py --sd15 --mixed-precision fp16 --diffusers-script ...         # SD1.5 architecture, 512 px (GPU)
+    python bench/train_step.py                                  # tiny SD-shaped UNet (CPU)
+    python bench/train_step.py --pipeline DIR                   # any saved SD 1.x pipeline
+    python bench/train_step.py --sd15 --mixed-precision fp16    # SD1.5 architecture, 512 px (GPU)
 
-The diffusers script (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py of huggingface/diffusers) is
-not part of ganrm: fetch it into a scratch folder yourself and pass its path. Without it only our two trainers run.
+The reference is the training step of diffusers' research script
+(examples/research_projects/diffusion_dpo/train_diffusion_dpo.py), written here from its description, not copied:
+a dataset that decodes each (winner, loser) PNG pair and transforms it (resize, centre crop, [-1, 1], the two images
+stacked on the channel axis) and tokenizes the caption; then per step the VAE encodes winners and losers, the text
+encoder encodes the captions, winners and losers are noised with the same noise and timestep and go through the
+LoRA UNet in one call, then once more with the adapters disabled (the reference model, no gradients), and the loss
+is -logsigmoid(-beta/2 * (model_diff - ref_diff)), model_diff = mse_w - mse_l of the trained UNet, ref_diff the
+same of the reference; backward, gradient clipping, AdamW and the learning-rate schedule under accelerate.
 
-Both DPO runs train a rank-4 LoRA on the same (winner, loser) image pairs and captions, `--batch-size` pairs per
-step, same resolution, learning rate and beta (diffusers' beta_dpo = our beta / 2); the script reads them as a
-parquet dataset (jpg_0, jpg_1, label_0, caption), ours as a `ganrm sample` folder. Each runs in its own process;
-a global optimizer-step hook timestamps every optimizer step, and the step time is the median interval after
-`--warmup` steps (everything a training iteration does: data, VAE encoding where the trainer does it per step,
-forward, reference forward, backward, optimizer). PRDP's step time is its epoch time (sampling B trajectories for N
-prompts, reference log-probs, scoring, K gradient steps) divided by K. Last lines: `dpo_ratio <ours / diffusers>`
-(goal at most 1.0) and `prdp_vs_dpo <PRDP step / our DPO step>`.
+Both DPO runs train a rank-4 LoRA (to_q, to_k, to_v, to_out.0) on the same (winner, loser) images and captions,
+`--batch-size` pairs per step, same resolution, learning rate and beta. Ours reads them as a `ganrm sample` folder.
+Each run has its own process; a global optimizer-step hook timestamps every optimizer step, and the step time is the
+median interval after `--warmup` steps (everything a training iteration does: data, VAE encoding where the trainer
+does it per step, forward, reference forward, backward, optimizer). PRDP's step time is its epoch time (sampling B
+trajectories for N prompts, reference log-probs, scoring, K gradient steps) divided by K.
+
+Prints `RATIO dpo_step <ours / reference> (goal <= 1: ...)` and `RATIO prdp_step_vs_dpo_step <PRDP step / our DPO
+step> (no goal)`; writes bench-out/train_step.json (`--out`; the format is in bench/results.py).
 """
 
 from __future__ import annotations
@@ -24,57 +31,43 @@ import argparse
 import io
 import json
 import os
-import runpy
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
+from results import REPO, Comparison, add_out_argument, device_name, write_results  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+DPO_GOAL = 1.0  # our DPO step / the reference step
+LEARNING_RATE = 1e-5
+LORA_RANK = 4
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+WORKERS = ("reference-dpo", "ganrm-dpo", "ganrm-prdp")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Inputs shared by the runs
 
 
-def build_inputs(args: argparse.Namespace, workdir: Path) -> dict:
-    """The pipeline folder, the pair data in both formats, a prompt file and a small reward model."""
-    pipeline = Path(args.pipeline) if args.pipeline else workdir / "pipeline"
-    if not args.pipeline:
-        from best_of_n import SD15, SMALL, random_sd_pipeline  # the bench's own random SD-shaped pipelines
-
-        torch.manual_seed(0)
-        random_sd_pipeline(SD15 if args.sd15 else SMALL).save_pretrained(pipeline)
-    from diffusers import DiffusionPipeline
-
-    config = DiffusionPipeline.load_config(pipeline)
-    unet_config = json.loads((pipeline / "unet" / "config.json").read_text())
-    vae_config = json.loads((pipeline / "vae" / "config.json").read_text())
-    resolution = args.resolution or unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
-    del config
-
-    prompts = [f"a handwritten digit {index % 10}" for index in range(args.pairs)]
+def write_candidates(folder: Path, prompts: list[str], resolution: int) -> None:
+    """A `ganrm sample` folder of random images, two candidates per prompt, the first scored higher."""
     rng = np.random.default_rng(0)
-    images = [
-        Image.fromarray(rng.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8))
-        for _ in range(2 * args.pairs)
-    ]
-    # Our format: a `ganrm sample` folder, two candidates per prompt, the first scored higher.
-    folder = workdir / "candidates"
     folder.mkdir()
     records = []
     for index, prompt in enumerate(prompts):
         for candidate in range(2):
             name = f"{index:06d}_{candidate:02d}.png"
-            images[2 * index + candidate].save(folder / name)
+            pixels = rng.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name)
             records.append(
                 {
                     "file_name": name,
@@ -87,38 +80,204 @@ def build_inputs(args: argparse.Namespace, workdir: Path) -> dict:
                 }
             )
     (folder / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-    # The research script's format: a parquet file of pairs with label_0 = 1 (jpg_0 preferred).
-    import datasets
 
-    def png(image: Image.Image) -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
 
-    parquet = workdir / "pairs"
-    parquet.mkdir()
-    datasets.Dataset.from_dict(
-        {
-            "jpg_0": [png(images[2 * i]) for i in range(args.pairs)],
-            "jpg_1": [png(images[2 * i + 1]) for i in range(args.pairs)],
-            "label_0": [1] * args.pairs,
-            "caption": prompts,
-        }
-    ).to_parquet(str(parquet / "train.parquet"))
+def build_inputs(args: argparse.Namespace, workdir: Path) -> dict:
+    """The pipeline folder, the pairs (a `ganrm sample` folder), a prompt file and a small reward model."""
+    pipeline = Path(args.pipeline) if args.pipeline else workdir / "pipeline"
+    if not args.pipeline:
+        from best_of_n import SD15, SMALL, random_sd_pipeline  # the bench's own random SD-shaped pipelines
+
+        torch.manual_seed(0)
+        random_sd_pipeline(SD15 if args.sd15 else SMALL).save_pretrained(pipeline)
+    unet_config = json.loads((pipeline / "unet" / "config.json").read_text())
+    vae_config = json.loads((pipeline / "vae" / "config.json").read_text())
+    resolution = args.resolution or unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    prompts = [f"a handwritten digit {index % 10}" for index in range(args.pairs)]
+    write_candidates(workdir / "candidates", prompts, resolution)
     (workdir / "prompts.txt").write_text("\n".join(sorted(set(prompts))) + "\n")
-    reward_model = workdir / "reward_model"
     from best_of_n import small_reward_model  # a small open_clip reward model: PRDP's scoring is not what is timed
 
     (workdir / "clip").mkdir()
-    small_reward_model(workdir / "clip").save_pretrained(reward_model)
+    small_reward_model(workdir / "clip").save_pretrained(workdir / "reward_model")
     return {
         "pipeline": str(pipeline),
         "resolution": resolution,
-        "candidates": str(folder),
-        "pairs": str(parquet),
+        "candidates": str(workdir / "candidates"),
         "prompts": str(workdir / "prompts.txt"),
-        "reward_model": str(reward_model),
+        "reward_model": str(workdir / "reward_model"),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reference DPO step (diffusers' research script's training step, written from its description)
+
+
+class PairImages(torch.utils.data.Dataset):
+    """(winner, loser) PNG bytes and captions, decoded and transformed per item: resize, centre crop, [-1, 1], the
+    winner's 3 channels then the loser's; the caption tokenized to the tokenizer's full length."""
+
+    def __init__(self, folder: Path, resolution: int, tokenizer: object) -> None:
+        from torchvision import transforms
+
+        groups: dict[int, list[dict]] = {}
+        for line in (folder / "metadata.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            groups.setdefault(record["prompt_index"], []).append(record)
+        self.pairs = []
+        for index in sorted(groups):
+            ranked = sorted(groups[index], key=lambda record: -record["score"])
+            files = [(folder / ranked[side]["file_name"]).read_bytes() for side in (0, -1)]
+            self.pairs.append((files[0], files[1], ranked[0]["prompt"]))
+        self.tokenizer = tokenizer
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+                transforms.CenterCrop(resolution),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5], [0.5]),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        winner, loser, caption = self.pairs[index]
+        images = [self.transform(Image.open(io.BytesIO(data)).convert("RGB")) for data in (winner, loser)]
+        tokens = self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
+        )
+        return {"pixel_values": torch.cat(images), "input_ids": torch.tensor(tokens.input_ids)}
+
+
+@dataclass
+class ReferenceRun:
+    accelerator: object
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    noise_scheduler: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: torch.utils.data.DataLoader
+    weight_dtype: torch.dtype
+    vae_batch_size: int
+
+
+def load_frozen(path: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The pipeline's tokenizer, text encoder, VAE, UNet and DDPM scheduler; models frozen, on `device` in `dtype`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    models = [
+        CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+        AutoencoderKL.from_pretrained(path, subfolder="vae"),
+        UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+    ]
+    for model in models:
+        model.requires_grad_(False)
+        model.to(device, dtype=dtype)
+    return tokenizer, *models, DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+
+
+def setup_reference(inputs: dict, args: argparse.Namespace) -> ReferenceRun:
+    """Accelerate, the frozen models in the mixed-precision dtype, a float32 LoRA, AdamW, a constant schedule."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    set_seed(0)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_frozen(
+        inputs["pipeline"], accelerator.device, weight_dtype
+    )
+    unet.add_adapter(
+        LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
+    )
+    trained = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    for parameter in trained:
+        parameter.data = parameter.data.float()
+    optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=10**6)
+    dataset = PairImages(Path(inputs["candidates"]), inputs["resolution"], tokenizer)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    return ReferenceRun(
+        accelerator,
+        unet,
+        vae,
+        text_encoder,
+        noise_scheduler,
+        optimizer,
+        lr_scheduler,
+        dataloader,
+        weight_dtype,
+        vae_batch_size=2 * args.batch_size,
+    )
+
+
+def noised_latents(run: ReferenceRun, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Winners then losers encoded by the VAE, noised with one noise and timestep per pair; (noisy, target, t)."""
+    pixels = torch.cat(pixel_values.to(run.accelerator.device, run.weight_dtype).chunk(2, dim=1))
+    with torch.no_grad():
+        latents = torch.cat([run.vae.encode(part).latent_dist.sample() for part in pixels.split(run.vae_batch_size)])
+    latents = latents * run.vae.config.scaling_factor
+    pairs = len(latents) // 2
+    noise = torch.randn_like(latents[:pairs]).repeat(2, 1, 1, 1)
+    steps = run.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (pairs,), device=latents.device).repeat(2)
+    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
+    if run.noise_scheduler.config.prediction_type == "v_prediction":
+        return noisy, run.noise_scheduler.get_velocity(latents, noise, timesteps), timesteps
+    return noisy, noise, timesteps
+
+
+def winner_minus_loser(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per pair: the winner's mean squared error minus the loser's."""
+    errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    winners, losers = errors.chunk(2)
+    return winners - losers
+
+
+def reference_dpo_loss(run: ReferenceRun, batch: dict, beta: float) -> torch.Tensor:
+    noisy, target, timesteps = noised_latents(run, batch["pixel_values"])
+    with torch.no_grad():
+        hidden = run.text_encoder(batch["input_ids"].to(run.accelerator.device))[0].repeat(2, 1, 1)
+    model_diff = winner_minus_loser(run.unet(noisy, timesteps, hidden).sample, target)
+    bare = run.accelerator.unwrap_model(run.unet)
+    bare.disable_adapters()
+    with torch.no_grad():
+        ref_diff = winner_minus_loser(run.unet(noisy, timesteps, hidden).sample, target)
+    bare.enable_adapters()
+    return -F.logsigmoid(-beta / 2 * (model_diff - ref_diff)).mean()
+
+
+def train_reference(run: ReferenceRun, steps: int, beta: float) -> None:
+    """`steps` optimizer steps, the data loader restarted (reshuffled) at each epoch."""
+    run.unet.train()
+    trained = [parameter for parameter in run.unet.parameters() if parameter.requires_grad]
+    done = 0
+    while done < steps:
+        for batch in run.dataloader:
+            with run.accelerator.accumulate(run.unet):
+                loss = reference_dpo_loss(run, batch, beta)
+                run.accelerator.backward(loss)
+                if run.accelerator.sync_gradients:
+                    run.accelerator.clip_grad_norm_(trained, 1.0)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad()
+            float(loss.detach())  # logged each step, as the script does
+            done += 1
+            if done == steps:
+                return
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,95 +299,160 @@ def record_optimizer_steps() -> list[float]:
     return stamps
 
 
+def run_ganrm_dpo(inputs: dict, args: argparse.Namespace, out: Path, steps: int) -> None:
+    from ganrm_training.train_dpo import DPOConfig, train
+
+    train(
+        DPOConfig(
+            pretrained_model=inputs["pipeline"],
+            candidates=inputs["candidates"],
+            output_dir=str(out),
+            resolution=inputs["resolution"],
+            train_batch_size=args.batch_size,
+            max_train_steps=steps,
+            learning_rate=LEARNING_RATE,
+            beta=args.beta,
+            lora_rank=LORA_RANK,
+            lora_targets=",".join(LORA_TARGETS),
+            checkpoint_every=10**6,
+            mixed_precision=args.mixed_precision,
+            eval_prompts=0,
+        )
+    )
+
+
+def run_ganrm_prdp(inputs: dict, args: argparse.Namespace, out: Path) -> None:
+    from ganrm_training.train_prdp import PRDPConfig, train
+
+    train(
+        PRDPConfig(
+            pretrained_model=inputs["pipeline"],
+            reward_model=inputs["reward_model"],
+            prompts=inputs["prompts"],
+            output_dir=str(out),
+            resolution=inputs["resolution"],
+            epochs=1 + args.prdp_epochs,
+            inner_steps=args.prdp_inner_steps,
+            prompts_per_epoch=args.prdp_prompts,
+            samples_per_prompt=args.prdp_samples,
+            num_inference_steps=args.prdp_steps,
+            train_batch_size=args.batch_size,
+            sample_batch_size=args.batch_size * 2,
+            lora_rank=LORA_RANK,
+            lora_targets=",".join(LORA_TARGETS),
+            checkpoint_every=10**6,
+            mixed_precision=args.mixed_precision,
+            eval_prompts=0,
+        )
+    )
+
+
 def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
     inputs = json.loads(Path(args.inputs).read_text())
     out = Path(tempfile.mkdtemp(prefix=f"{args.worker}-", dir=args.workdir))
     stamps = record_optimizer_steps()
     steps = args.warmup + args.steps
-    if args.worker == "diffusers-dpo":
-        # The script imports wandb at the top; a stand-in module lets it import (no tracker is used).
-        stub = Path(args.workdir) / "stubs"
-        stub.mkdir(exist_ok=True)
-        (stub / "wandb.py").write_text("")
-        sys.path.insert(0, str(stub))
-        sys.argv = [
-            args.diffusers_script,
-            f"--pretrained_model_name_or_path={inputs['pipeline']}",
-            f"--dataset_name={inputs['pairs']}",
-            "--dataset_split_name=train",
-            f"--output_dir={out}",
-            f"--resolution={inputs['resolution']}",
-            f"--train_batch_size={args.batch_size}",
-            f"--max_train_steps={steps}",
-            "--checkpointing_steps=1000000",
-            "--learning_rate=1e-5",
-            "--lr_scheduler=constant",
-            "--lr_warmup_steps=0",
-            f"--beta_dpo={args.beta / 2:g}",  # the script parses an int
-            "--rank=4",
-            "--no_hflip",
-            "--report_to=all",  # every installed tracker: none here
-            f"--mixed_precision={args.mixed_precision}",
-            f"--vae_encode_batch_size={2 * args.batch_size}",
-            "--seed=0",
-        ]
-        runpy.run_path(args.diffusers_script, run_name="__main__")
+    if args.worker == "reference-dpo":
+        train_reference(setup_reference(inputs, args), steps, args.beta)
     elif args.worker == "ganrm-dpo":
-        from ganrm_training.train_dpo import DPOConfig, train
-
-        train(
-            DPOConfig(
-                pretrained_model=inputs["pipeline"],
-                candidates=inputs["candidates"],
-                output_dir=str(out),
-                resolution=inputs["resolution"],
-                train_batch_size=args.batch_size,
-                max_train_steps=steps,
-                learning_rate=1e-5,
-                beta=args.beta,
-                lora_rank=4,
-                checkpoint_every=10**6,
-                mixed_precision=args.mixed_precision,
-                eval_prompts=0,
-            )
-        )
-    else:  # ganrm-prdp
-        from ganrm_training.train_prdp import PRDPConfig, train
-
-        train(
-            PRDPConfig(
-                pretrained_model=inputs["pipeline"],
-                reward_model=inputs["reward_model"],
-                prompts=inputs["prompts"],
-                output_dir=str(out),
-                resolution=inputs["resolution"],
-                epochs=1 + args.prdp_epochs,
-                inner_steps=args.prdp_inner_steps,
-                prompts_per_epoch=args.prdp_prompts,
-                samples_per_prompt=args.prdp_samples,
-                num_inference_steps=args.prdp_steps,
-                train_batch_size=args.batch_size,
-                sample_batch_size=args.batch_size * 2,
-                lora_rank=4,
-                checkpoint_every=10**6,
-                mixed_precision=args.mixed_precision,
-                eval_prompts=0,
-            )
-        )
+        run_ganrm_dpo(inputs, args, out, steps)
+    else:
+        run_ganrm_prdp(inputs, args, out)
     (Path(args.workdir) / f"{args.worker}.json").write_text(json.dumps(stamps))
 
 
-def step_seconds(stamps: list[float], warmup: int) -> float:
-    intervals = np.diff(stamps[warmup:])
-    return float(statistics.median(intervals))
-
-
 # --------------------------------------------------------------------------------------------------------------
+# The runs, side by side
 
 
-def main() -> None:
+def step_seconds(name: str, stamps: list[float], args: argparse.Namespace) -> float:
+    """DPO: the median interval between optimizer steps after the warm-up ones. PRDP: whole epochs after the first
+    (warm-up) one, divided by their K steps each."""
+    if name == "ganrm-prdp":
+        first = args.prdp_inner_steps - 1
+        return (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first)
+    return float(statistics.median(np.diff(stamps[args.warmup :])))
+
+
+def run_worker(name: str, workdir: Path) -> list[float]:
+    """One run in a process of its own; the timestamps of its optimizer steps."""
+    command = [sys.executable, __file__, "--worker", name, "--workdir", str(workdir)]
+    command += ["--inputs", str(workdir / "inputs.json"), *sys.argv[1:]]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if completed.returncode:
+        print(completed.stdout[-2000:], completed.stderr[-4000:])
+        raise SystemExit(f"{name} failed")
+    return json.loads((workdir / f"{name}.json").read_text())
+
+
+def time_workers(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    """Seconds per step of each worker. The two DPO runs alternate `--repeats` times and the fastest of each counts
+    (load from other processes only ever slows a run down); PRDP runs once."""
+    order = [name for _ in range(args.repeats) for name in WORKERS if name != "ganrm-prdp"] + ["ganrm-prdp"]
+    results: dict[str, list[float]] = {}
+    for name in order:
+        started = time.perf_counter()
+        stamps = run_worker(name, workdir)
+        seconds = step_seconds(name, stamps, args)
+        results.setdefault(name, []).append(seconds)
+        print(
+            f"{name:14s} {seconds * 1000:9.1f} ms/step  ({len(stamps)} steps, "
+            f"{time.perf_counter() - started:.0f} s with start-up)"
+        )
+    return {name: min(times) for name, times in results.items()}
+
+
+def run_settings(args: argparse.Namespace, inputs: dict) -> dict:
+    return {
+        "pipeline": args.pipeline or ("random SD1.5 architecture" if args.sd15 else "small random SD-shaped pipeline"),
+        "resolution": inputs["resolution"],
+        "batch_size": args.batch_size,
+        "pairs": args.pairs,
+        "lora_rank": LORA_RANK,
+        "beta": args.beta,
+        "mixed_precision": args.mixed_precision,
+        "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
+        "threads": args.threads,
+    }
+
+
+def comparisons(results: dict[str, float], args: argparse.Namespace, settings: dict) -> list[Comparison]:
+    dpo_statistic = (
+        f"median step interval after {args.warmup} warm-up steps, {args.steps} steps timed; "
+        f"fastest of {args.repeats} alternating runs"
+    )
+    prdp = {
+        "prdp_prompts": args.prdp_prompts,
+        "prdp_samples": args.prdp_samples,
+        "prdp_steps": args.prdp_steps,
+        "prdp_inner_steps": args.prdp_inner_steps,
+        "prdp_epochs": args.prdp_epochs,
+    }
+    return [
+        Comparison(
+            name="dpo_step",
+            ours="our Diffusion-DPO step (training/train_dpo.py)",
+            reference="the reference DPO step (diffusers' research train_diffusion_dpo.py step, in bench/train_step.py)",
+            ours_seconds=results["ganrm-dpo"],
+            reference_seconds=results["reference-dpo"],
+            goal_max=DPO_GOAL,
+            settings={**settings, "steps": args.steps, "warmup": args.warmup, "statistic": dpo_statistic},
+        ),
+        Comparison(
+            name="prdp_step_vs_dpo_step",
+            ours="our PRDP step (epoch time / K: sampling, reference log-probs, scoring, K gradient steps)",
+            reference="our Diffusion-DPO step",
+            ours_seconds=results["ganrm-prdp"],
+            reference_seconds=results["ganrm-dpo"],
+            goal_max=None,
+            settings={**settings, **prdp, "statistic": "whole epochs after a warm-up epoch, divided by K"},
+        ),
+    ]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--diffusers-script", help="path of diffusers' train_diffusion_dpo.py (a scratch copy)")
     parser.add_argument("--pipeline", help="a saved SD 1.x pipeline (default: a small random SD-shaped one)")
     parser.add_argument("--sd15", action="store_true", help="SD1.5 architecture with random weights at 512 px (GPU)")
     parser.add_argument("--resolution", type=int, help="image size (default: the pipeline's)")
@@ -237,71 +461,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before timing")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each DPO trainer, alternating")
-    parser.add_argument("--beta", type=float, default=5000.0, help="our DPO beta (the script gets beta / 2)")
+    parser.add_argument("--beta", type=float, default=5000.0, help="the DPO beta of both (the loss uses beta / 2)")
     parser.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prdp-prompts", type=int, default=2, help="PRDP: N prompts per epoch")
     parser.add_argument("--prdp-samples", type=int, default=2, help="PRDP: B trajectories per prompt")
     parser.add_argument("--prdp-steps", type=int, default=10, help="PRDP: sampling steps T")
     parser.add_argument("--prdp-inner-steps", type=int, default=2, help="PRDP: K gradient steps per epoch")
     parser.add_argument("--prdp-epochs", type=int, default=3, help="PRDP: timed epochs (after one warm-up epoch)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_out_argument(parser, "train_step")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         worker(args)
         return
-
-    workdir = Path(tempfile.mkdtemp(prefix="ganrm-train-step-"))
-    inputs = build_inputs(args, workdir)
-    (workdir / "inputs.json").write_text(json.dumps(inputs))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(
-        f"pipeline {inputs['pipeline']} at {inputs['resolution']} px on {device}; DPO {args.batch_size} pairs/step, "
-        f"PRDP N={args.prdp_prompts} B={args.prdp_samples} T={args.prdp_steps} K={args.prdp_inner_steps}"
-    )
-    workers = ["ganrm-dpo", "ganrm-prdp"]
-    if args.diffusers_script:
-        workers.insert(0, "diffusers-dpo")
-    else:
-        print("no --diffusers-script: only our trainers run (see the docstring)")
-    results: dict[str, list[float]] = {}
-    # The two DPO runs alternate `--repeats` times (the fastest of each counts: load from other processes only
-    # ever slows a run down); PRDP runs once.
-    order = [name for _ in range(args.repeats) for name in workers if name != "ganrm-prdp"] + ["ganrm-prdp"]
-    for name in order:
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            name,
-            "--workdir",
-            str(workdir),
-            "--inputs",
-            str(workdir / "inputs.json"),
-            *sys.argv[1:],
-        ]
-        started = time.perf_counter()
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        if completed.returncode:
-            print(completed.stdout[-2000:], completed.stderr[-4000:])
-            raise SystemExit(f"{name} failed")
-        stamps = json.loads((workdir / f"{name}.json").read_text())
-        if name == "ganrm-prdp":
-            # Epoch boundaries: K steps per epoch; time whole epochs after the first (warm-up) one.
-            first = args.prdp_inner_steps - 1
-            seconds = (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first)
-        else:
-            seconds = step_seconds(stamps, args.warmup)
-        results.setdefault(name, []).append(seconds)
+    with tempfile.TemporaryDirectory(prefix="ganrm-train-step-") as scratch:
+        workdir = Path(scratch)
+        inputs = build_inputs(args, workdir)
+        (workdir / "inputs.json").write_text(json.dumps(inputs))
+        settings = run_settings(args, inputs)
         print(
-            f"{name:14s} {seconds * 1000:9.1f} ms/step  ({len(stamps)} steps, "
-            f"{time.perf_counter() - started:.0f} s with start-up)"
+            f"pipeline {inputs['pipeline']} at {inputs['resolution']} px on {settings['device']}; DPO "
+            f"{args.batch_size} pairs/step, PRDP N={args.prdp_prompts} B={args.prdp_samples} T={args.prdp_steps} "
+            f"K={args.prdp_inner_steps}"
         )
-    results = {name: min(times) for name, times in results.items()}
-    if "diffusers-dpo" in results:
-        print(f"dpo_ratio {results['ganrm-dpo'] / results['diffusers-dpo']:.3f}")
-    print(f"prdp_vs_dpo {results['ganrm-prdp'] / results['ganrm-dpo']:.3f}")
+        results = time_workers(args, workdir)
+    write_results(args.out, "train_step", settings, comparisons(results, args, settings))
 
 
 if __name__ == "__main__":

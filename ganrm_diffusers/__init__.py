@@ -15,6 +15,7 @@ _EXPORTS = {
     "EmbeddingCache": "ganrm_diffusers.embedding_cache",
     "RewardTrainingConfig": "ganrm_diffusers.rm_training",
     "fit_reward_model": "ganrm_diffusers.rm_training",
+    "PromptedImages": "ganrm_diffusers.rm_training",
     "bootstrap_round": "ganrm_diffusers.rm_training",
     "Selection": "ganrm_diffusers.selection",
     "select_top_k": "ganrm_diffusers.selection",

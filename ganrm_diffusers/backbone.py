@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -38,6 +41,29 @@ def _drop_text_tower(clip: nn.Module) -> None:
             setattr(clip, name, None)
     for name, _ in list(clip.named_buffers(recurse=False)):
         setattr(clip, name, None)
+
+
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... Model initialized randomly" and its "Local config loaded,
+    but no CLIP weights found" (logged on the root logger): true of the empty model it builds, false of the
+    backbone we then load our own weights into."""
+
+    NOTICES = ("No pretrained weights loaded for model", "Local config loaded, but no CLIP weights found")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICES)
+
+
+@contextmanager
+def _weights_loaded_by_us() -> Iterator[None]:
+    """Silence open_clip's random-initialisation notices inside the block, and only those."""
+    notice = _RandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def _config_dir(model_cfg: dict, preprocess_cfg: dict) -> Path:
@@ -118,7 +144,8 @@ class ClipBackbone(nn.Module):
     ) -> ClipBackbone:
         """Rebuild a backbone saved inside a reward checkpoint (its config and weights travel with it)."""
         source = f"local-dir:{_config_dir(model_cfg, preprocess_cfg)}"
-        clip = open_clip.create_model(source, load_weights=False)
+        with _weights_loaded_by_us():  # the checkpoint's weights are loaded below; a fit failure is an error
+            clip = open_clip.create_model(source, load_weights=False)
         if not keep_text:
             _drop_text_tower(clip)
         missing, unexpected = clip.load_state_dict(state_dict, strict=False)

@@ -1,13 +1,17 @@
 """`ganrm demo`: the main job, end to end, on the embedded digits world.
 
-1. Build (or load) the world: a tiny SD-shaped model, a tiny CLIP, a target style, independent judges.
-2. Sample base images for all ten prompts: reward-model negatives, a bootstrapping pool, and an evaluation set.
+1. Build (or load) the world: a tiny SD-shaped model, a tiny CLIP that was never told the style, a target style,
+   independent judges.
+2. Sample base images for all ten prompts: reward-model negatives, a bootstrapping pool, and the evaluation set.
 3. Train a GAN-RM (target set vs base samples, one rank-based bootstrapping round); keep it in demo-out/reward_model.
 4. Measure it on images it never saw: AUC target vs base, AUC target vs other real digits (does it see the style
    itself, not only "real vs generated"?), and the Spearman correlation of reward and the style's pixel measure.
-5. Compare the ways to use the reward (best-of-N, early pruning, FK resampling, SFT, DPO, PRDP) on the same prompts
-   and seeds, judged by the world's judges.
-6. Write report.json, report.md and PNGs (grids sorted by reward, training curves).
+5. Choose what needs choosing on the tuning seeds (the pruning schedule; `--tune` sweeps the fine-tuning settings),
+   never on the evaluation seeds.
+6. Compare the ways to use the reward (best-of-N, early pruning, FK resampling, SFT, DPO, PRDP) on the same
+   evaluation prompts and seeds, each beside its same-cost baseline, judged by the world's judges with 95 %
+   bootstrap intervals, and draw what each row draws on the same cells.
+7. Write report.json, report.md and PNGs (a grid per row, grids sorted by reward, training curves).
 """
 
 from __future__ import annotations
@@ -15,97 +19,150 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from tqdm.auto import tqdm
 
 from ganrm_diffusers.plots import score_grid
 from ganrm_diffusers.reward_model import GANRewardModel
 from ganrm_diffusers.rm_training import RewardTrainingConfig, fit_reward_model, roc_auc, save_training_outputs
+from ganrm_diffusers.world.metrics import Reference, evaluate, paired_ratio, per_image
+from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digits
 
-METHOD_GROUPS = ("selection", "sft", "dpo", "prdp")
+METHOD_GROUPS = ("selection", "sft", "dpo", "prdp", "rounds")
+# Seed ranges that never overlap: reward-model negatives, its bootstrapping pool, the evaluation set every row
+# shares, and the tuning set where settings are chosen. The trainers draw their own samples below 10^7.
+NEGATIVES_FIRST_SEED = 10_000_000
+POOL_FIRST_SEED = 20_000_000
+EVAL_FIRST_SEED = 30_000_000
+TUNING_FIRST_SEED = 50_000_000
+# `ganrm demo --tune` trains each candidate below on the same data and judges it on the tuning seeds; the chosen
+# values become the demo's settings (TUNED_FINETUNE), recorded in every report with the tuning seed range.
+FINETUNE_CANDIDATES = {
+    "sft": {"steps_75": {"max_train_steps": 75}, "steps_150": {"max_train_steps": 150}},
+    "dpo": {"beta_2000": {"beta": 2000.0}, "beta_5000": {"beta": 5000.0}},
+    "prdp": {"beta_10": {"beta": 10.0}, "beta_30": {"beta": 30.0}},
+}
+ROUNDS_FOLLOW = "dpo"  # the rounds row fine-tunes with DPO at the DPO row's chosen beta
+TUNING_RULE = (
+    "the highest style rate on the tuning seeds among candidates whose faint and blank rates stay within 2 points of"
+    " base and whose class accuracy stays within 3 points (base sampled on the same tuning seeds)"
+)
+# Chosen by `ganrm demo --tune` (tuning seeds from TUNING_FIRST_SEED, 20 prompts per digit) on the world of seed 0
+# (its table is in that run's report, settings.tuning.finetune, and in the issue notes): SFT 75 steps (150 steps
+# drew 4 points more faint digits); DPO beta 5000 (neither candidate held the faint bar: beta 2000 drew 26.5 % faint
+# digits, 5000 14.5 %, against 1.5 % for base, so the rule took the one losing least class accuracy). PRDP: not yet
+# tuned (that run was stopped before its candidates finished); beta 30 is the trainer's default.
+TUNED_FINETUNE = {"sft": "steps_75", "dpo": "beta_5000", "prdp": "beta_30"}
 # `--quick`: every trainer runs a few steps, enough to prove the path works end to end, not to move the figures.
 QUICK_FINETUNE = {
     "sft": {"max_train_steps": 4, "eval_every": 2},
     "dpo": {"max_train_steps": 4, "eval_every": 2},
     "prdp": {"epochs": 2, "inner_steps": 1, "prompts_per_epoch": 2, "samples_per_prompt": 4, "eval_every": 1},
+    "rounds": {"rounds": 2, "max_train_steps": 2, "eval_every": 1, "rm_pool_per_prompt": 1, "bootstrap_m": 4},
 }
 
 
 @dataclass
 class DemoSettings:
-    """What the demo runs. Seeds of the three base sample sets never overlap, nor those of the selection study."""
+    """What the demo runs. The seed ranges of its sample sets never overlap (see the *_FIRST_SEED constants)."""
 
     out: Path = Path("demo-out")
     world: Path | None = None
     seed: int = 0
-    eval_per_digit: int = 50  # 500 evaluation samples: the `base` row and the held-out side of the AUC
+    eval_per_digit: int = 50  # 500 evaluation prompts: every row, and the held-out side of the AUC
+    tune_per_digit: int = 20  # 200 tuning prompts, where settings are chosen
     negatives_per_digit: int = 40  # 400 reward-model negatives
     pool_per_digit: int = 30  # 300 fresh samples ranked in the bootstrapping round
+    num_candidates: int = 8
     bootstrap_m: int = 32
     bootstrap_alpha: float = 0.1
     batch_size: int = 100
+    grid_per_digit: int = 8  # columns of each row's picture
     methods: tuple[str, ...] = METHOD_GROUPS
     quick: bool = False  # fewer samples everywhere: a smoke run, not figures
+    tune: bool = False  # choose the fine-tuning settings on the tuning seeds first (FINETUNE_CANDIDATES)
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.eval_per_digit, self.negatives_per_digit, self.pool_per_digit, self.bootstrap_m = 6, 8, 4, 8
+            self.eval_per_digit, self.tune_per_digit, self.negatives_per_digit = 3, 1, 8
+            self.pool_per_digit, self.bootstrap_m, self.grid_per_digit = 4, 8, 3
+
+    @property
+    def evaluation(self) -> EvaluationPlan:
+        return EvaluationPlan(self.eval_per_digit, EVAL_FIRST_SEED, self.num_candidates)
+
+    @property
+    def tuning(self) -> EvaluationPlan:
+        return EvaluationPlan(self.tune_per_digit, TUNING_FIRST_SEED, self.num_candidates)
 
 
-@dataclass
-class SampleSet:
-    images: torch.Tensor  # NCHW in [0, 1], CPU
-    digits: np.ndarray
-    unet_evaluations: int
-    seconds: float
-    seeds: list[int] = field(default_factory=list)
+class Rows:
+    """The report's `methods` rows, with each row's per-image verdicts kept for paired comparisons."""
 
+    def __init__(self, world: object, reward_model: GANRewardModel, reference: Reference, out: Path, grid: int):
+        self.world, self.reward_model, self.reference = world, reward_model, reference
+        self.out, self.grid_per_digit = out, grid
+        self.rows: dict[str, dict] = {}
+        self._verdicts: dict[str, dict[str, np.ndarray]] = {}
 
-def sample_digits(
-    pipe: object, world: object, per_digit: int, first_seed: int, batch_size: int, desc: str
-) -> SampleSet:
-    """`per_digit` samples of each of the ten prompts at the world's recommended settings, one seed each."""
-    from ganrm_diffusers.pruning import count_unet_rows
-
-    digits = np.repeat(np.arange(10), per_digit)
-    seeds = [first_seed + index for index in range(len(digits))]
-    images = []
-    started = time.perf_counter()
-    with count_unet_rows(pipe.unet) as rows:
-        for start in tqdm(range(0, len(digits), batch_size), desc=desc, leave=False):
-            batch = slice(start, start + batch_size)
-            output = pipe(
-                prompt=[world.prompts[digit] for digit in digits[batch]],
-                generator=[torch.Generator().manual_seed(seed) for seed in seeds[batch]],
-                output_type="pt",
-                **world.sampling_kwargs,
+    def add(
+        self,
+        name: str,
+        images: torch.Tensor,
+        digits: np.ndarray,
+        *,
+        unet_evaluations: int,
+        seconds: float,
+        baseline: str | None = None,
+        extra: dict | None = None,
+    ) -> dict:
+        """Judge `images` (one per evaluation prompt, in plan order) as row `name`, compared with row `baseline`
+        on the same prompts and seeds; draws the row's picture."""
+        scores = self.reward_model.score(images).cpu()
+        row = {
+            **evaluate(self.world.judges, images, digits, self.reference),
+            "mean_reward": float(scores.mean()),
+            "unet_evaluations": int(unet_evaluations),
+            "seconds": float(seconds),
+        }
+        self._verdicts[name] = per_image(self.world.judges, images, digits)
+        if baseline is not None:
+            row["baseline"] = baseline
+            row["style_ratio"], row["style_ratio_ci95"] = paired_ratio(
+                self._verdicts[name]["style"], self._verdicts[baseline]["style"]
             )
-            images.append(output.images.float().cpu())
-    return SampleSet(torch.cat(images), digits, sum(rows), time.perf_counter() - started, seeds)
+        row["grid"] = self._draw(name, images, digits, scores)
+        self.rows[name] = {**row, **(extra or {})}
+        return self.rows[name]
 
-
-def _judge(world: object, reward_model: GANRewardModel, samples: SampleSet) -> dict:
-    return {
-        "style_rate": world.judges.style_rate(samples.images),
-        "class_accuracy": world.judges.class_accuracy(samples.images, samples.digits),
-        "mean_reward": float(reward_model.score(samples.images).mean()),
-        "unet_evaluations": samples.unet_evaluations,
-        "seconds": samples.seconds,
-        "selections": len(samples.images),
-    }
+    def _draw(self, name: str, images: torch.Tensor, digits: np.ndarray, scores: torch.Tensor) -> str:
+        """The first `grid_per_digit` prompts of each digit, a digit per line: cell (i, j) shows the same prompt and
+        seeds in every row's picture. Captions: reward, and T (thin: has the style) / f (faint) / b (blank)."""
+        picks = [int(i) for d in range(10) for i in np.flatnonzero(digits == d)[: self.grid_per_digit]]
+        style = self.world.judges.has_style(images[picks]).tolist()
+        faint = self.world.judges.is_faint(images[picks]).tolist()
+        blank = self.world.judges.is_blank(images[picks]).tolist()
+        captions = [
+            f"{scores[i]:+.1f} {'T' if s else ''}{'f' if f else ''}{'b' if b else ''}".strip()
+            for i, s, f, b in zip(picks, style, faint, blank, strict=True)
+        ]
+        path = self.out / "grids" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        score_grid(images[picks], captions=captions, columns=self.grid_per_digit, cell=64).save(path)
+        return path.relative_to(self.out).as_posix()
 
 
 def heldout_grid(world: object, reward_model: GANRewardModel, base: SampleSet, path: Path, count: int = 48) -> Path:
     """Held-out images (base samples and real target digits) sorted by reward; captions mark target digits and
     base samples that have the style."""
     targets, _ = world.heldout_target_images()
-    picks = torch.cat([base.images[: count - count // 4], targets[: count // 4]])
-    kinds = ["gen"] * (count - count // 4) + ["target"] * (count // 4)
+    generated, real = base.images[: count - count // 4], targets[: count // 4]
+    picks = torch.cat([generated, real])
+    kinds = ["gen"] * len(generated) + ["target"] * len(real)
     scores = reward_model.score(picks)
     styled = world.judges.has_style(picks).tolist()
     captions = [
@@ -177,9 +234,12 @@ def run_demo(settings: DemoSettings) -> dict:
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(settings.seed)
 
-    negatives = sample_digits(pipe, world, settings.negatives_per_digit, 10_000_000, settings.batch_size, "negatives")
-    pool = sample_digits(pipe, world, settings.pool_per_digit, 20_000_000, settings.batch_size, "bootstrap pool")
-    base = sample_digits(pipe, world, settings.eval_per_digit, 30_000_000, settings.batch_size, "evaluation set")
+    def one_per_prompt(per_digit: int, first_seed: int, desc: str) -> SampleSet:
+        return sample_digits(pipe, world, EvaluationPlan(per_digit, first_seed, 1), settings.batch_size, desc)
+
+    negatives = one_per_prompt(settings.negatives_per_digit, NEGATIVES_FIRST_SEED, "negatives")
+    pool = one_per_prompt(settings.pool_per_digit, POOL_FIRST_SEED, "bootstrap pool")
+    base = sample_digits(pipe, world, settings.evaluation, settings.batch_size, "evaluation set")
 
     started = time.perf_counter()
     reward_model, fit = train_demo_reward_model(world, negatives, pool, settings)
@@ -187,12 +247,17 @@ def run_demo(settings: DemoSettings) -> dict:
     save_training_outputs(reward_model, fit, out / "reward_model")
     heldout_grid(world, reward_model, base, out / "heldout_by_reward.png")
 
+    targets, _ = world.heldout_target_images()
+    rows = Rows(world, reward_model, Reference.of(world.judges, targets), out, settings.grid_per_digit)
+    rows.add("base", base.images, base.digits, unet_evaluations=base.unet_evaluations, seconds=base.seconds)
     info = world.info
     report: dict = {
         "world": {
             "path": str(world.root),
             "build_seconds": info.get("build_seconds"),
-            **{key: info["figures"][key] for key in ("base", "target", "real_other")},
+            "clip_captions": info.get("clip_captions"),
+            "style": info.get("style"),
+            **{key: value for key, value in info["figures"].items()},
             "sampling": world.sampling_kwargs,
         },
         "reward_model": {
@@ -202,45 +267,287 @@ def run_demo(settings: DemoSettings) -> dict:
             "rounds": fit.rounds,
             "path": str(out / "reward_model"),
         },
-        "methods": {"base": _judge(world, reward_model, base)},
-        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(settings).items()},
+        "evaluation": settings.evaluation.describe(),
+        "methods": rows.rows,
+        "settings": {
+            **{key: str(value) if isinstance(value, Path) else value for key, value in asdict(settings).items()},
+            "tuning": {"seed_range": settings.tuning.describe()["seed_range"], "prompts": len(settings.tuning.digits)},
+        },
     }
     _write_report(report, out)  # the first results are worth keeping even if a later step fails
 
     if "selection" in settings.methods:
-        from ganrm_diffusers.selection_study import selection_rows
-
-        report["methods"].update(
-            selection_rows(
-                world.pipeline_dir,
-                reward_model,
-                world.judges,
-                prompts_per_digit=settings.eval_per_digit,
-                seed=settings.seed,
-                # --quick: best-of-8 and the default pruning only (the other rows run the same code).
-                extra_prune_settings={} if settings.quick else None,
-                stochastic=not settings.quick,
-                **world.sampling_kwargs,
-            )
-        )
+        _selection_rows(world, reward_model, rows, report, settings)
         _write_report(report, out)
-    finetune_methods = [method for method in ("sft", "dpo", "prdp") if method in settings.methods]
+    finetune_methods = [method for method in ("sft", "dpo", "prdp", "rounds") if method in settings.methods]
     if finetune_methods:
-        from ganrm_diffusers.finetune_study import training_rows
-
-        report["methods"].update(
-            training_rows(
-                world,
-                reward_model,
-                out,
-                methods=finetune_methods,
-                eval_per_digit=settings.eval_per_digit,
-                prompt_repeats=2 if settings.quick else 20,
-                overrides=QUICK_FINETUNE if settings.quick else None,
-            )
-        )
+        _finetune_rows(world, reward_model, rows, report, settings, finetune_methods)
+    report["goals"] = goals(report["methods"], settings.num_candidates)
     _write_report(report, out)
     return report
+
+
+def _selection_rows(world: object, reward_model: GANRewardModel, rows: Rows, report: dict, settings: DemoSettings):
+    """Choose the pruning schedule on the tuning seeds, then run every selection method on the evaluation seeds."""
+    from ganrm_diffusers.selection_study import (
+        PRUNE_CANDIDATES,
+        choose_schedule,
+        pruning_sweep,
+        random_pick,
+        selection_runs,
+    )
+
+    n = settings.num_candidates
+    sampling = world.sampling_kwargs
+    swept = pruning_sweep(
+        world.pipeline_dir,
+        reward_model,
+        world.judges,
+        PRUNE_CANDIDATES,
+        prompts_per_digit=settings.tune_per_digit,
+        num_candidates=n,
+        seed=TUNING_FIRST_SEED,
+        **sampling,
+    )
+    chosen = choose_schedule(swept)
+    report["settings"]["tuning"]["pruning"] = {
+        "chosen": chosen,
+        "rule": "largest share of best-of-N's reward gain kept at <= 0.5x its UNet evaluations (no judge)",
+        "swept": swept,
+    }
+    plan = settings.evaluation
+    runs = selection_runs(
+        world.pipeline_dir,
+        reward_model,
+        plan.prompts(world),
+        plan.candidate_seeds,
+        schedule=PRUNE_CANDIDATES[chosen],
+        num_candidates=n,
+        stochastic=not settings.quick,
+        **sampling,
+    )
+    # Two groups: deterministic DDIM, and DDIM with eta = 1 (FK needs stochastic steps); each has its own full
+    # best-of-N and its own random pick, from the same seeds.
+    for suffix in ("", "_eta1"):
+        full_name = f"best_of_{n}{suffix}"
+        if full_name not in runs:
+            continue
+        baseline = f"random_candidate{suffix}"
+        picked = random_pick(runs[full_name], n, seed=settings.seed)
+        rows.add(baseline, picked.images, plan.digits, unet_evaluations=picked.unet_rows, seconds=picked.seconds)
+        group = [name for name, run in runs.items() if ("eta" in run.extra) == bool(suffix)]
+        for name in group:
+            run = runs[name]
+            rows.add(
+                name,
+                run.images,
+                plan.digits,
+                unet_evaluations=run.unet_rows,
+                seconds=run.seconds,
+                baseline=baseline,
+                extra=run.extra,
+            )
+        for name in group:
+            rows.rows[name].update(_kept(rows.rows[name], rows.rows[full_name], rows.rows[baseline]))
+
+
+def _kept(row: dict, full: dict, baseline: dict) -> dict:
+    """Cost and kept gains of a selection row relative to full best-of-N over the same-cost random pick."""
+
+    def kept(key: str) -> float:
+        gain = full[key] - baseline[key]
+        return (row[key] - baseline[key]) / gain if gain else float("nan")
+
+    return {
+        "unet_cost": row["unet_evaluations"] / full["unet_evaluations"],
+        "reward_gain_kept": kept("mean_reward"),
+        "style_gain_kept": kept("style_rate"),
+    }
+
+
+def _finetune_rows(
+    world: object, reward_model: GANRewardModel, rows: Rows, report: dict, settings: DemoSettings, methods: list[str]
+) -> None:
+    from ganrm_diffusers.finetune_study import training_rows
+
+    tuned = [method for method in methods if method in FINETUNE_CANDIDATES]
+    chosen = _tune_finetune(world, reward_model, report, settings, tuned) if settings.tune else TUNED_FINETUNE
+    report["settings"]["tuning"].setdefault("finetune", {"rule": TUNING_RULE})["chosen"] = {
+        method: {"label": chosen[method], "overrides": FINETUNE_CANDIDATES[method][chosen[method]]} for method in tuned
+    }
+    overrides = {method: dict(FINETUNE_CANDIDATES[method][chosen[method]]) for method in tuned}
+    if "rounds" in methods:  # no settings of its own to tune: it follows the DPO row's choice
+        overrides["rounds"] = {"beta": FINETUNE_CANDIDATES[ROUNDS_FOLLOW][chosen[ROUNDS_FOLLOW]]["beta"]}
+    if settings.quick:
+        overrides = {method: {**overrides[method], **QUICK_FINETUNE[method]} for method in methods}
+    trained = training_rows(
+        world,
+        reward_model,
+        settings.out,
+        settings.evaluation,
+        methods=methods,
+        prompt_repeats=2 if settings.quick else 20,
+        overrides=overrides,
+    )
+    for method, (samples, info) in trained.items():
+        if method == "rounds":
+            report["rounds"] = _round_by_round(world, rows, settings, info)
+        rows.add(
+            method,
+            samples.images,
+            samples.digits,
+            unet_evaluations=samples.unet_evaluations,
+            seconds=samples.seconds,
+            baseline="base",
+            extra=info,
+        )
+        _write_report(report, settings.out)
+
+
+def _round_by_round(world: object, rows: Rows, settings: DemoSettings, info: dict) -> list[dict]:
+    """Each round's generator G_{t+1} (its round's LoRA) judged on the evaluation set, beside its discriminator's
+    held-out AUCs against the generator it was trained on (G_t) and against the base (G_0); drawn as curves."""
+    from ganrm_diffusers.lora import load_lora_into_pipeline
+    from ganrm_diffusers.plots import plot_metric_curves
+
+    run_dir = Path(info["run_dir"])
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    entries = []
+    for entry in summary["rounds"]:
+        pipe = world.load_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        load_lora_into_pipeline(pipe, run_dir / f"round-{entry['round']:02d}" / "lora")
+        samples = sample_digits(pipe, world, settings.evaluation, settings.batch_size, f"round {entry['round']}")
+        judged = evaluate(world.judges, samples.images, samples.digits, rows.reference)
+        entries.append(
+            {
+                "round": entry["round"],
+                "auc_vs_current": entry["auc_vs_current"],
+                "auc_vs_base": entry["auc_vs_base"],
+                "previous_auc_vs_current": entry.get("previous_auc_vs_current"),
+                "selection_rewards": entry["selection_rewards"],
+                **{key: judged[key] for key in ("style_rate", "kid_to_target", "class_accuracy", "faint_rate")},
+                **{f"{key}_ci95": judged[f"{key}_ci95"] for key in ("style_rate", "kid_to_target", "class_accuracy")},
+            }
+        )
+    plot_metric_curves(
+        entries,
+        (
+            ("discriminator held-out AUC", ("auc_vs_current", "previous_auc_vs_current", "auc_vs_base")),
+            ("generator after the round (judges)", ("style_rate", "class_accuracy", "faint_rate")),
+        ),
+        settings.out / "rounds_curves.png",
+        title="GAN-RM rounds",
+        x_key="round",
+    )
+    return entries
+
+
+def _tune_finetune(
+    world: object, reward_model: GANRewardModel, report: dict, settings: DemoSettings, methods: list[str]
+) -> dict[str, str]:
+    """Train every candidate of FINETUNE_CANDIDATES and judge it on the tuning seeds; returns the chosen labels."""
+    from ganrm_diffusers.finetune_study import training_rows
+
+    plan = settings.tuning
+    pipe = world.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    base = sample_digits(pipe, world, plan, settings.batch_size, "tuning base")
+    targets, _ = world.heldout_target_images()
+    reference = Reference.of(world.judges, targets)
+    base_row = evaluate(world.judges, base.images, base.digits, reference)
+    record = report["settings"]["tuning"].setdefault("finetune", {"rule": TUNING_RULE})
+    record["base"] = base_row
+    chosen = {}
+    for method in methods:
+        results = {}
+        for label, values in FINETUNE_CANDIDATES[method].items():
+            extra = QUICK_FINETUNE[method] if settings.quick else {}
+            trained = training_rows(
+                world,
+                reward_model,
+                settings.out / "tuning",
+                plan,
+                methods=[method],
+                prompt_repeats=2 if settings.quick else 20,
+                overrides={method: {**values, **extra}},
+                label=f"{method}_{label}",
+            )
+            samples, _ = trained[method]
+            results[label] = evaluate(world.judges, samples.images, samples.digits, reference)
+        record[method] = results
+        chosen[method] = _choose(results, base_row)
+        _write_report(report, settings.out)
+    return chosen
+
+
+def _choose(results: dict[str, dict], base: dict) -> str:
+    """TUNING_RULE; when no candidate holds the bars, the one closest to them (fewest points lost)."""
+
+    def held(row: dict) -> bool:
+        return (
+            row["faint_rate"] - base["faint_rate"] <= 0.02
+            and row["blank_rate"] - base["blank_rate"] <= 0.02
+            and base["class_accuracy"] - row["class_accuracy"] <= 0.03
+        )
+
+    holding = [label for label, row in results.items() if held(row)]
+    if holding:
+        return max(holding, key=lambda label: results[label]["style_rate"])
+    return min(results, key=lambda label: base["class_accuracy"] - results[label]["class_accuracy"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Goals: each claim the README makes, checked from the rows
+
+
+def goals(methods: dict[str, dict], num_candidates: int = 8) -> list[dict]:
+    """The issue's goals, each with the figure, the bar and whether it is met (missing rows are skipped)."""
+    checks = []
+    full, random = methods.get(f"best_of_{num_candidates}"), methods.get("random_candidate")
+    base = methods.get("base")
+
+    def check(name: str, value: float, bar: str, met: bool) -> None:
+        checks.append({"goal": name, "value": value, "bar": bar, "met": bool(met)})
+
+    if full and random:
+        check("best-of-8 style rate / random pick", full["style_ratio"], ">= 3", full["style_ratio"] >= 3)
+    pruned = methods.get(f"best_of_{num_candidates}_pruned")
+    if pruned and full:
+        check(
+            "pruned best-of-8 UNet evaluations / best-of-8", pruned["unet_cost"], "<= 0.5", pruned["unet_cost"] <= 0.5
+        )
+        kept = pruned["style_gain_kept"]
+        check("pruned best-of-8 share of the style gain kept", kept, ">= 0.9", kept >= 0.9)
+    for name in ("dpo", "prdp"):
+        if name in methods:
+            check(f"{name} style rate / base", methods[name]["style_ratio"], ">= 2", methods[name]["style_ratio"] >= 2)
+    if base:
+        for name, row in methods.items():
+            if (
+                name == "base"
+                or name.startswith("random_candidate")
+                or name.endswith("_eta1")
+                or name.startswith("fk_")
+            ):
+                continue  # the eta = 1 rows sample another distribution than base; their baseline is their own
+            for key, points in (("faint_rate", 0.02), ("blank_rate", 0.02), ("class_accuracy", 0.03)):
+                delta = row[key] - base[key]
+                bad = delta > points if key != "class_accuracy" else delta < -points
+                check(f"{name} {key} - base", delta, f"within {points * 100:.0f} points", not bad)
+            check(
+                f"{name} kid_to_target / base",
+                row["kid_to_target"] / base["kid_to_target"],
+                "< 1",
+                row["kid_to_target"] < base["kid_to_target"],
+            )
+            check(
+                f"{name} diversity / base",
+                row["diversity"] / base["diversity"],
+                ">= 0.8",
+                row["diversity"] >= 0.8 * base["diversity"],
+            )
+    return checks
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -253,27 +560,79 @@ def _cell(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def _with_interval(row: dict, key: str) -> str:
+    value, interval = row.get(key), row.get(f"{key}_ci95")
+    if value is None:
+        return ""
+    if not interval:
+        return _cell(value)
+    return f"{_cell(value)} [{_cell(interval[0])}, {_cell(interval[1])}]"
+
+
 def methods_table(methods: dict[str, dict]) -> str:
-    columns = ["style_rate", "class_accuracy", "mean_reward", "reward_gain", "unet_evaluations", "seconds"]
-    optional = ("unet_cost", "reward_gain_kept", "style_gain_kept", "train_seconds", "peak_rss_mib", "peak_cuda_mib")
-    columns += [key for key in optional if any(key in row for row in methods.values())]
-    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    columns = ["style_rate", "style_ratio", "faint_rate", "blank_rate", "class_accuracy", "kid_to_target", "diversity"]
+    plain = ["mean_reward", "unet_evaluations", "seconds"]
+    optional = ("unet_cost", "reward_gain_kept", "style_gain_kept", "train_seconds", "peak_rss_mib")
+    plain += [key for key in optional if any(key in row for row in methods.values())]
+    header = ["method", "baseline", *columns, *plain]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, row in methods.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
+        cells = [name, row.get("baseline", "")]
+        cells += [_with_interval(row, column) for column in columns] + [_cell(row.get(column)) for column in plain]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _goals_table(checks: list[dict]) -> str:
+    lines = ["| goal | value | bar | met |", "|---|---|---|---|"]
+    lines += [f"| {c['goal']} | {_cell(c['value'])} | {c['bar']} | {'yes' if c['met'] else '**no**'} |" for c in checks]
+    return "\n".join(lines)
+
+
+def _rounds_section(rounds: list[dict] | None) -> str:
+    if not rounds:
+        return ""
+    lines = [
+        "## GAN-RM rounds (row `rounds`)",
+        "Round t trains a fresh discriminator R_t on the target digits against G_t's samples, then DPO on R_t's best"
+        " and worst of 8 fresh candidates gives G_{t+1}; the same total DPO steps as the `dpo` row. AUCs are held"
+        " out: R_t against the G_t it was trained on, R_{t-1} against G_t (how far the generator moved past the last"
+        " discriminator), and R_t against G_0. Judges: G_{t+1} on the evaluation set. Curves: `rounds_curves.png`.",
+        "",
+        "| round | AUC R_t vs G_t | AUC R_{t-1} vs G_t | AUC R_t vs G_0 | style_rate of G_{t+1} | kid_to_target |"
+        " class_accuracy | faint_rate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in rounds:
+        cells = [
+            str(entry["round"]),
+            _cell(entry["auc_vs_current"]),
+            _cell(entry.get("previous_auc_vs_current")),
+            _cell(entry["auc_vs_base"]),
+            _with_interval(entry, "style_rate"),
+            _with_interval(entry, "kid_to_target"),
+            _with_interval(entry, "class_accuracy"),
+            _cell(entry["faint_rate"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    world, rm = report["world"], report["reward_model"]
-    pictures = sorted(path.relative_to(out).as_posix() for path in out.rglob("*.png"))
-    text = (
-        f"""# GAN-RM on the embedded digits world
+    world, rm, methods = report["world"], report["reward_model"], report["methods"]
+    tuning = report["settings"]["tuning"]
+    pruning = tuning.get("pruning", {})
+    evaluation = report["evaluation"]
+    pictures = "\n".join(f"### {name}\n![{name}]({row['grid']})\n" for name, row in methods.items() if row.get("grid"))
+    text = f"""# GAN-RM on the embedded digits world
 
-The world ({world["path"]}) was built in {_cell(world["build_seconds"])} s. Its base model draws the target style
-("thin" strokes) in {world["base"]["style_rate"]:.1%} of samples and the prompted digit in
-{world["base"]["class_accuracy"]:.1%}; real target digits have the style {world["target"]["style_rate"]:.1%} of the
-time, other real digits {world["real_other"]["style_rate"]:.1%}.
+The world ({world["path"]}) was built in {_cell(world["build_seconds"])} s. Its CLIP was trained on captions
+"{world.get("clip_captions")}" (never the style). The style judge: {(world.get("style") or {}).get("description")}.
+Base samples: style {world["base"]["style_rate"]:.1%}, class {world["base"]["class_accuracy"]:.1%}; held-out real
+target digits: style {world["target"]["style_rate"]:.1%}; other real digits {world["real_other"]["style_rate"]:.1%}, the
+same dimmed to 80 % / 70 %: {world.get("real_other_dimmed_0.8", {}).get("style_rate", float("nan")):.1%} /
+{world.get("real_other_dimmed_0.7", {}).get("style_rate", float("nan")):.1%} (less ink is not thinner strokes).
 
 ## The reward model
 | figure | value |
@@ -283,26 +642,33 @@ time, other real digits {world["real_other"]["style_rate"]:.1%}.
 | Spearman, reward vs the style's pixel measure (base samples) | {rm["spearman_reward_vs_style"]:.3f} |
 | training seconds (embedding + head, with one bootstrapping round) | {rm["train_seconds"]:.1f} |
 
-The reward model is in `reward_model/` (`GANRewardModel.from_pretrained("{rm["path"]}")`); its curves are in
-`reward_model/training_curves.png`; `heldout_by_reward.png` shows held-out images sorted by reward (`target` = a
-real target digit, `*` = a base sample with the style).
+## Methods
+Every row is judged on the same {evaluation["prompts"]} evaluation prompts and seeds {evaluation["seed_range"]}
+(candidate j of prompt i has seed first + 8i + j; one-sample rows draw candidate 0's seed). Brackets: 95 % bootstrap
+intervals over the samples. `style_ratio`: style rate over the row's `baseline` on the same prompts (paired
+bootstrap): `random_candidate` (one of the N candidates at random, the same cost as best-of-N, no reward) for the
+selection rows, `base` for the fine-tuned rows. `faint_rate` / `blank_rate`: the cheap ways to use less ink;
+`kid_to_target`: kernel inception distance to the held-out target digits in a digit classifier's feature space
+(`kid_pixels_to_target` in report.json: the same on pixels); `diversity`: mean pairwise distance within each digit.
 
-## Methods (same prompts and seeds; judged by the world's judges)
-{methods_table(report["methods"])}
+{methods_table(methods)}
 
-`base`: one sample per prompt from the base model. Selection rows (best-of-N, pruning, FK resampling) come with a
-`random_candidate` row, the mean over all their candidates; `reward_gain` is measured against it, and `unet_cost`,
-`reward_gain_kept` and `style_gain_kept` against full best-of-N with the same sampler (`*_eta1` and `fk_*` rows:
-DDIM eta = 1, which FK resampling needs). `unet_evaluations` counts latents through the UNet (guidance doubles
-them); `seconds` is sampling time. Fine-tuned rows (`sft`, `dpo`, `prdp`) sample the evaluation prompts and seeds of
-`base` with their LoRA (kept in `lora/<method>/`); `train_seconds` and `peak_rss_mib` are the fine-tuning run's
-(peak resident memory of the demo process, which already held the rest of the demo).
+{_rounds_section(report.get("rounds"))}
+## Goals
+{_goals_table(report.get("goals", []))}
 
-## Pictures
+## Settings chosen on the tuning seeds
+Tuning prompts: {tuning["prompts"]}, seeds {tuning["seed_range"]} (disjoint from the evaluation seeds).
+Pruning schedule: `{pruning.get("chosen")}` ({pruning.get("rule")}); every swept schedule is in report.json
+(`settings.tuning.pruning.swept`). Fine-tuning settings: `settings` of each fine-tuned row; how they were chosen is in
+`settings.tuning.finetune` where a `ganrm demo --tune` run is recorded.
+
+## What each row draws
+A digit per line, the same prompts and seeds in every picture; captions: reward, `T` = has the style, `f` = faint,
+`b` = blank.
+
+{pictures}
 """
-        + "\n".join(f"- `{name}`" for name in pictures)
-        + "\n"
-    )
     (out / "report.md").write_text(text)
 
 
@@ -326,6 +692,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated method groups to run after the reward model (of {', '.join(METHOD_GROUPS)})",
     )
     parser.add_argument("--quick", action="store_true", help="a few samples everywhere: a smoke run, not figures")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="first choose each fine-tuning method's settings on the tuning seeds (trains every candidate of "
+        "FINETUNE_CANDIDATES: about 20 more CPU minutes), then evaluate the chosen ones",
+    )
     parser.set_defaults(func=demo_command)
 
 
@@ -334,12 +706,15 @@ def demo_command(args: argparse.Namespace) -> int:
     unknown = set(methods) - set(METHOD_GROUPS)
     if unknown:
         raise SystemExit(f"ganrm demo: unknown method group(s) {sorted(unknown)}; choose from {METHOD_GROUPS}")
-    report = run_demo(DemoSettings(out=args.out, world=args.world, seed=args.seed, methods=methods, quick=args.quick))
+    report = run_demo(
+        DemoSettings(out=args.out, world=args.world, seed=args.seed, methods=methods, quick=args.quick, tune=args.tune)
+    )
     rm = report["reward_model"]
     print(
         f"reward model: AUC {rm['auc']:.3f}, AUC among real {rm['auc_style_among_real']:.3f}, "
         f"Spearman {rm['spearman_reward_vs_style']:.3f}"
     )
     print(methods_table(report["methods"]))
+    print(_goals_table(report["goals"]))
     print(f"report: {args.out / 'report.md'}")
     return 0

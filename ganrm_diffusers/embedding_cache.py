@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ganrm_diffusers.atomic import save_tensors_atomic
 from ganrm_diffusers.backbone import ClipBackbone
 from ganrm_diffusers.errors import ImageInputError
-from ganrm_diffusers.images import file_digest, list_image_files, load_image, read_prompts
+from ganrm_diffusers.images import file_digest, list_image_files, load_image, read_file_prompts
 from ganrm_diffusers.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -27,11 +27,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EmbeddedFiles:
-    """Embeddings of the readable files of a folder (or file list), in file order."""
+    """Embeddings of the readable files of a folder (or file list), in file order, with each file's prompt from the
+    nearest imagefolder metadata.jsonl (None for a file without one; `prompts` None when no file has one)."""
 
     paths: list[Path]
     embeddings: torch.Tensor
-    prompts: list[str] | None = None
+    prompts: list[str | None] | None = None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
@@ -115,7 +116,7 @@ def embed_files(
             + (f" ({len(skipped)} unreadable file(s) skipped)" if skipped else "")
         )
     kept_paths = [paths[index] for index in kept]
-    prompts = read_prompts(folder, kept_paths) if folder is not None else None
+    prompts = read_file_prompts(kept_paths, root=folder)
     return EmbeddedFiles(
         paths=kept_paths,
         embeddings=torch.stack([embeddings[index] for index in kept]).to(encoder.device),

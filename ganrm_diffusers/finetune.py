@@ -487,6 +487,7 @@ class PreferenceExamples:
     losers: torch.Tensor | None = None
     winner_scores: torch.Tensor | None = None
     loser_scores: torch.Tensor | None = None
+    dropped_pairs: int = 0  # DPO: (best, worst) pairs left out as the same image or tied rewards
 
     def __len__(self) -> int:
         return len(self.winners)
@@ -499,12 +500,14 @@ class PreferenceExamples:
         for name in ("losers", "winner_scores", "loser_scores"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
-        save_tensors_atomic(path, tensors, {"prompts": json.dumps(self.prompts)})
+        metadata = {"prompts": json.dumps(self.prompts), "dropped_pairs": str(self.dropped_pairs)}
+        save_tensors_atomic(path, tensors, metadata)
 
     @classmethod
     def load(cls, path: Path) -> PreferenceExamples:
         tensors, metadata = read_tensors(path)
-        return cls(prompts=json.loads(metadata["prompts"]), **tensors)
+        dropped = int(metadata.get("dropped_pairs", 0))
+        return cls(prompts=json.loads(metadata["prompts"]), **tensors, dropped_pairs=dropped)
 
     @classmethod
     def concatenate(cls, parts: Sequence[PreferenceExamples]) -> PreferenceExamples:
@@ -524,15 +527,25 @@ class PreferenceExamples:
             losers=joined("losers"),
             winner_scores=joined("winner_scores"),
             loser_scores=joined("loser_scores"),
+            dropped_pairs=sum(part.dropped_pairs for part in parts),
         )
 
 
 def choose_candidates(scores: torch.Tensor, group_size: int, top_k: int, pairs: bool):
     """Indices of the `top_k` best candidates of each group of `group_size` (prompt-major), their groups, and for
-    DPO (`pairs`) the group's worst candidate for each of them. The rule is `select_top_k`'s, as in best-of-N."""
+    DPO (`pairs`) the group's worst candidate for each of them. The rule is `select_top_k`'s, as in best-of-N.
+
+    A pair whose winner is its loser, or whose rewards tie, teaches nothing (and a tie makes both the same index:
+    ties go to the earlier candidate either way), so it is left out: returns (winners, groups, losers, how many
+    pairs were left out)."""
     best = select_top_k(scores, top_k, group_size)
-    worst = select_top_k(-scores.float(), 1, group_size).selected.repeat_interleave(top_k) if pairs else None
-    return best.selected, best.groups, worst
+    if not pairs:
+        return best.selected, best.groups, None, 0
+    winners, groups = best.selected, best.groups
+    losers = select_top_k(-scores.float(), 1, group_size).selected.repeat_interleave(top_k)
+    scores = scores.float().cpu()
+    keep = (winners != losers) & (scores[winners] > scores[losers])
+    return winners[keep], groups[keep], losers[keep], int((~keep).sum())
 
 
 def examples_from_candidates(
@@ -540,7 +553,7 @@ def examples_from_candidates(
 ) -> PreferenceExamples:
     """Examples from `group_size` scored candidate latents per prompt (prompt-major)."""
     scores = scores.float().cpu()
-    winners, groups, losers = choose_candidates(scores, group_size, top_k, pairs)
+    winners, groups, losers, dropped = choose_candidates(scores, group_size, top_k, pairs)
     return PreferenceExamples(
         prompts=list(prompts),
         prompt_ids=groups.clone(),
@@ -548,6 +561,7 @@ def examples_from_candidates(
         losers=None if losers is None else latents[losers].float().cpu(),
         winner_scores=scores[winners],
         loser_scores=None if losers is None else scores[losers],
+        dropped_pairs=dropped,
     )
 
 
@@ -609,10 +623,11 @@ def folder_examples(
     for index in tqdm(sorted(by_prompt), desc="encoding candidates", disable=not run.accelerator.is_local_main_process):
         group = sorted(by_prompt[index], key=lambda record: record["candidate"])
         scores = torch.tensor([record["score"] for record in group], dtype=torch.float32)
-        winners, _, losers = choose_candidates(scores, len(group), top_k, pairs)
+        winners, _, losers, dropped = choose_candidates(scores, len(group), top_k, pairs)
         chosen = winners.tolist() + ([] if losers is None else losers.tolist())
-        pixels = to_pixels([load_image(folder / group[i]["file_name"]) for i in chosen], device=run.device)
-        latents = encode_images(run.pipe, pixels, run.config.sample_batch_size).cpu()
+        # Every pair of a prompt may be left out: encode one image anyway, for the latents' shape.
+        pixels = to_pixels([load_image(folder / group[i]["file_name"]) for i in chosen or [0]], device=run.device)
+        latents = encode_images(run.pipe, pixels, run.config.sample_batch_size).cpu()[: len(chosen)]
         parts.append(
             PreferenceExamples(
                 prompts=[group[0]["prompt"]],
@@ -621,6 +636,7 @@ def folder_examples(
                 losers=None if losers is None else latents[len(winners) :],
                 winner_scores=scores[winners],
                 loser_scores=None if losers is None else scores[losers],
+                dropped_pairs=dropped,
             )
         )
     return PreferenceExamples.concatenate(parts)
@@ -720,8 +736,9 @@ def example_noise(ids: torch.Tensor, seed: int, epoch: int, shape: Sequence[int]
 
 
 def conditioning_kwargs(run: FinetuneRun, texts: Sequence[str]) -> dict:
-    """The UNet's conditional (unguided) keyword arguments for these prompts, SDXL's added conditioning included.
-    The text encoders are frozen, so each prompt is encoded once and kept (up to PROMPT_CACHE_SIZE prompts)."""
+    """The UNet's conditional (unguided) keyword arguments for these prompts, SDXL's added conditioning (and a
+    guidance-distilled UNet's guidance embedding) included. The text encoders are frozen, so each prompt is
+    encoded once and kept (up to PROMPT_CACHE_SIZE prompts)."""
     cache = run.prompt_cache
     missing = list(dict.fromkeys(text for text in texts if text not in cache))
     if missing:
@@ -730,7 +747,11 @@ def conditioning_kwargs(run: FinetuneRun, texts: Sequence[str]) -> dict:
             cache[text] = encoded.select([index])
         while len(cache) > PROMPT_CACHE_SIZE:
             cache.pop(next(iter(cache)))
-    return Conditioning.concatenate([cache[text] for text in texts]).unet_kwargs(guided=False)
+    kwargs = Conditioning.concatenate([cache[text] for text in texts]).unet_kwargs(guided=False)
+    timestep_cond = run.sampler.timestep_cond  # guidance-distilled UNets: trained at the guidance they sample with
+    if timestep_cond is not None:
+        kwargs["timestep_cond"] = timestep_cond.to(run.device, run.weight_dtype).expand(len(texts), -1)
+    return kwargs
 
 
 def denoising_target(run: FinetuneRun, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):

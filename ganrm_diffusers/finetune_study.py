@@ -1,18 +1,18 @@
 """SFT, Diffusion-DPO and PRDP measured in the embedded world (rows `sft`, `dpo`, `prdp` of the demo report).
 
-`training_rows` fine-tunes a LoRA on the world's pipeline with each method and the demo's GAN-RM, with settings
-tuned here to cost a few CPU minutes each (`DEMO_SETTINGS`; the trainers' own defaults are the papers'), then
-samples the same evaluation prompts and seeds as the demo's `base` row (`eval_per_digit` per digit, seeds from
-`eval_first_seed`) with the LoRA loaded through diffusers' `load_lora_weights`, and judges them with the world's
-judges. Each row:
+`training_rows` fine-tunes a LoRA on the world's pipeline with each method and the demo's GAN-RM, with the
+settings of `demo_configs` (a few CPU minutes each; the trainers' own defaults are the papers'), then samples the
+prompts and seeds of an `EvaluationPlan` (the evaluation set of the demo's `base` row, or a tuning set) with the LoRA
+loaded through diffusers' `load_lora_weights`. It returns the samples for the caller to judge, and per method:
 
-- style_rate, class_accuracy, mean_reward (the demo's reward model), unet_evaluations and seconds of sampling the
-  evaluation set (as the base row counts them);
 - train_seconds: wall time of the fine-tuning run (sampling its data included); peak_rss_mib: the process's peak
   resident memory during it (Linux VmHWM, reset at its start; it includes what the demo process already held,
   given as rss_before_mib); peak_cuda_mib on a GPU;
 - lora: the folder with both LoRA files (`<out>/lora/<method>/`), curves: the training curves PNG, and the run's
-  final metrics.
+  final metrics and settings.
+
+The trainers draw their own samples from seeds below 10^7; evaluation and tuning sets start at 3 x 10^7 and
+5 x 10^7, so no image a trainer saw is ever judged.
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ import torch
 from ganrm_diffusers.finetune import peak_memory, setup_run
 from ganrm_diffusers.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, load_lora_into_pipeline
 from ganrm_diffusers.reward_model import GANRewardModel
+from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digits
 
-METHODS = ("sft", "dpo", "prdp")
-EVAL_FIRST_SEED = 30_000_000  # the demo's evaluation set (its `base` row)
+METHODS = ("sft", "dpo", "prdp", "rounds")
 
 
 def demo_configs(world: object, prompts_file: Path, run_root: Path) -> dict:
     """The world's fine-tuning settings of each method (see the module docstring and the team notes)."""
     from ganrm_training.train_dpo import DPOConfig
     from ganrm_training.train_prdp import PRDPConfig
+    from ganrm_training.train_rounds import RoundsConfig
     from ganrm_training.train_sft import SFTConfig
 
     sampling = world.sampling_kwargs
@@ -90,6 +91,26 @@ def demo_configs(world: object, prompts_file: Path, run_root: Path) -> dict:
             clip_eps=1e-3,
             eval_every=5,
         ),
+        # GAN-RM's round loop with DPO at the DPO row's total budget (3 rounds x 50 steps = 150 steps): each round a
+        # fresh discriminator (the world's CLIP + the demo's head shape) against the current generator's 400
+        # samples, bootstrapping on 400 more, selection on 8 fresh candidates per prompt line.
+        "rounds": RoundsConfig(
+            **shared,
+            output_dir=str(run_root / "rounds"),
+            target_dir=str(world.target_dir),
+            finetune="dpo",
+            rounds=3,
+            num_candidates=8,
+            train_batch_size=16,
+            max_train_steps=50,
+            learning_rate=1e-3,
+            beta=5000.0,
+            rm_backbone=world.backbone,
+            rm_pretrained=None,
+            rm_negatives_per_prompt=2,
+            rm_pool_per_prompt=2,
+            eval_every=25,
+        ),
     }
 
 
@@ -97,19 +118,18 @@ def training_rows(
     world: object,
     reward_model: GANRewardModel,
     out_dir: str | Path,
+    plan: EvaluationPlan,
     methods: tuple[str, ...] | list[str] = METHODS,
-    eval_per_digit: int = 50,
-    eval_first_seed: int = EVAL_FIRST_SEED,
     prompt_repeats: int = 20,
     batch_size: int = 100,
     overrides: dict[str, dict] | None = None,
-) -> dict[str, dict]:
-    """Fine-tune with each method and judge samples of the fine-tuned model; returns {method: row}.
+    label: str | None = None,
+) -> dict[str, tuple[SampleSet, dict]]:
+    """Fine-tune with each method and sample the fine-tuned model on `plan`; returns {method: (samples, info)}.
 
     The training prompts are the world's ten prompts, each `prompt_repeats` times (a prompt index fixes the
-    candidates' seeds, so repeats give new candidates). `overrides[method]` replaces config fields (a quick run)."""
-    from ganrm_diffusers.demo import _judge, sample_digits
-
+    candidates' seeds, so repeats give new candidates). `overrides[method]` replaces config fields (a quick run, a
+    tuning candidate); `label` names the LoRA folder (`<out>/lora/<label>/`, default the method)."""
     out_dir = Path(out_dir)
     run_root = out_dir / "finetune"
     run_root.mkdir(parents=True, exist_ok=True)
@@ -119,28 +139,34 @@ def training_rows(
     rows = {}
     for method in methods:
         config = replace(configs[method], **(overrides or {}).get(method, {}))
+        if label:
+            config = replace(config, output_dir=str(run_root / label))
         shutil.rmtree(config.output_dir, ignore_errors=True)  # a fresh run: the figures come from these settings
         summary, cost = _train(method, config, reward_model)
 
-        lora_dir = out_dir / "lora" / method
+        name = label or method
+        lora_dir = out_dir / "lora" / name
         lora_dir.mkdir(parents=True, exist_ok=True)
-        for name in (DIFFUSERS_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
-            shutil.copy2(Path(config.output_dir) / name, lora_dir / name)
-        curves = out_dir / f"{method}_curves.png"
+        for weights in (DIFFUSERS_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
+            shutil.copy2(Path(config.output_dir) / weights, lora_dir / weights)
+        curves = out_dir / f"{name}_curves.png"
         shutil.copy2(Path(config.output_dir) / "curves.png", curves)
 
         pipe = world.load_pipeline()
         pipe.set_progress_bar_config(disable=True)
         load_lora_into_pipeline(pipe, lora_dir)
-        samples = sample_digits(pipe, world, eval_per_digit, eval_first_seed, batch_size, f"{method} evaluation")
-        rows[method] = {
-            **_judge(world, reward_model, samples),
-            **cost,
-            "lora": str(lora_dir),
-            "curves": str(curves),
-            "final_metrics": summary.get("final", {}),
-            "settings": _settings(config),
-        }
+        samples = sample_digits(pipe, world, plan, batch_size, f"{name} evaluation")
+        rows[method] = (
+            samples,
+            {
+                **cost,
+                "lora": str(lora_dir),
+                "run_dir": str(config.output_dir),
+                "curves": str(curves),
+                "final_metrics": summary.get("final", {}),
+                "settings": _settings(config),
+            },
+        )
     return rows
 
 
@@ -190,5 +216,8 @@ def _settings(config) -> dict:
         "num_inference_steps",
         "reward_scale",
         "guidance_scale",
+        "rounds",
+        "rm_negatives_per_prompt",
+        "rm_pool_per_prompt",
     )
     return {key: getattr(config, key) for key in keep if hasattr(config, key)}

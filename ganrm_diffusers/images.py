@@ -22,6 +22,8 @@ from ganrm_diffusers.errors import ImageInputError
 
 logger = logging.getLogger(__name__)
 
+METADATA_NAME = "metadata.jsonl"  # a Hugging Face imagefolder's per-file records
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 # Transparent pixels are shown over white, as image viewers and web pages usually show them.
@@ -130,9 +132,36 @@ def load_image_folder(folder: str | Path, *, strict: bool = False, min_images: i
 
 def read_prompts(folder: Path, paths: Sequence[Path]) -> list[str] | None:
     """Prompts from a Hugging Face imagefolder `metadata.jsonl` (file_name + prompt/text), or None."""
-    metadata = folder / "metadata.jsonl"
-    if not metadata.is_file():
+    by_file = _prompt_map(folder / METADATA_NAME)
+    if not by_file:
         return None
+    return [by_file.get(path.relative_to(folder).as_posix(), "") for path in paths]
+
+
+def read_file_prompts(paths: Sequence[Path], root: Path | None = None) -> list[str | None] | None:
+    """The prompt of each file from the nearest `metadata.jsonl` above it (its folder, then the folders above, up
+    to `root` if given), as an imagefolder dataset records them; None for a file that no metadata names, and None
+    instead of a list when no file has one. Unlike `read_prompts`, a missing prompt stays visibly missing."""
+    root = Path(root).absolute() if root is not None else None
+    maps: dict[Path, dict[str, str]] = {}
+    prompts: list[str | None] = []
+    for path in paths:
+        path = Path(path).absolute()
+        prompt = None
+        for folder in path.parents:
+            if folder not in maps:
+                maps[folder] = _prompt_map(folder / METADATA_NAME) if (folder / METADATA_NAME).is_file() else {}
+            if maps[folder] or folder == root:
+                prompt = maps[folder].get(path.relative_to(folder).as_posix())
+                break
+        prompts.append(prompt)
+    return prompts if any(prompt is not None for prompt in prompts) else None
+
+
+def _prompt_map(metadata: Path) -> dict[str, str]:
+    """file_name -> prompt (or text) of an imagefolder metadata.jsonl; empty when there is none."""
+    if not metadata.is_file():
+        return {}
     by_file: dict[str, str] = {}
     for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -144,9 +173,7 @@ def read_prompts(folder: Path, paths: Sequence[Path]) -> list[str] | None:
         prompt = record.get("prompt", record.get("text"))
         if "file_name" in record and prompt is not None:
             by_file[str(record["file_name"])] = str(prompt)
-    if not by_file:
-        return None
-    return [by_file.get(path.relative_to(folder).as_posix(), "") for path in paths]
+    return by_file
 
 
 # --------------------------------------------------------------------------------------------------------------

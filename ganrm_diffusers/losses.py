@@ -3,10 +3,41 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+RewardNormalization = Literal["per_prompt", "none"]
+# Added to a prompt's reward std (as GRPO-style per-prompt advantages do): a prompt whose samples all score alike
+# (up to float noise) gets differences near 0, not noise blown up to unit size.
+REWARD_STD_EPS = 1e-4
+
+
+def normalize_rewards(
+    rewards: torch.Tensor, normalization: RewardNormalization = "per_prompt", eps: float = REWARD_STD_EPS
+) -> torch.Tensor:
+    """Rewards (P, B) of P prompts with B samples each, standardised within each prompt: minus the prompt's mean,
+    divided by its standard deviation over the B samples (+ eps). "none" returns them as they are.
+
+    PRDP only sees reward differences within a prompt, so this makes its targets R/beta independent of the reward
+    model's scale (GAN-RM logits, HPSv2 scores, any multiple of them) and of how far apart a prompt's samples are."""
+    if normalization == "none":
+        return rewards
+    if normalization != "per_prompt":
+        raise ValueError(f"reward normalization must be 'per_prompt' or 'none', got {normalization!r}")
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True, correction=0)
+    return (rewards - mean) / (std + eps)
+
+
+def _pairwise(values: torch.Tensor) -> torch.Tensor:
+    """(P, B) -> (P, B, B) with [p, i, j] = v_i - v_j: the pairs within each prompt, never across prompts."""
+    return values.unsqueeze(-1) - values.unsqueeze(-2)
+
+
+def _with_prompt_axis(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(tensor.unsqueeze(0) for tensor in tensors)
 
 
 def prdp_loss(
@@ -16,6 +47,7 @@ def prdp_loss(
     rewards: torch.Tensor,
     beta: float,
     clip_eps: float,
+    reward_normalization: RewardNormalization = "none",
 ) -> torch.Tensor:
     """PRDP's loss (Deng et al. 2024, the authors' formula) for P prompts with B trajectories of T steps each.
 
@@ -25,13 +57,15 @@ def prdp_loss(
     lr_old + eps); both are averaged over T. For every ordered pair (i, j) of trajectories of the same prompt,
     D = lr_i - lr_j, D_clip likewise, R = r_i - r_j, and the pair's loss is max((D - R/beta)^2, (D_clip - R/beta)^2).
     The result is the mean over all pairs with R > 0 of all prompts (0, still differentiable, if there are none).
+    `reward_normalization="per_prompt"` first standardises the rewards within each prompt (`normalize_rewards`);
+    the default "none" is the authors' loss on the rewards as given.
 
     Scale convention: log-probabilities are means over latent elements (see ganrm_diffusers.sampling) and ratios are
     means over the T steps, so beta and eps are per latent element and per step. Summing either would rescale them.
     """
     if log_probs.ndim == 2:
-        log_probs, old_log_probs, ref_log_probs, rewards = (
-            tensor.unsqueeze(0) for tensor in (log_probs, old_log_probs, ref_log_probs, rewards)
+        log_probs, old_log_probs, ref_log_probs, rewards = _with_prompt_axis(
+            log_probs, old_log_probs, ref_log_probs, rewards
         )
     if not (log_probs.shape == old_log_probs.shape == ref_log_probs.shape and log_probs.shape[:2] == rewards.shape):
         raise ValueError(
@@ -42,14 +76,29 @@ def prdp_loss(
     old_ratio = (old_log_probs - ref_log_probs).detach()
     clipped = torch.clamp(ratio, old_ratio - clip_eps, old_ratio + clip_eps)
     ratio, clipped = ratio.mean(dim=-1), clipped.mean(dim=-1)
-
-    def pairwise(values: torch.Tensor) -> torch.Tensor:  # (P, B) -> (P, B, B) with [p, i, j] = v_i - v_j
-        return values.unsqueeze(-1) - values.unsqueeze(-2)
-
-    target = pairwise(rewards.to(ratio.dtype)) / beta
-    pair_losses = torch.maximum((pairwise(ratio) - target) ** 2, (pairwise(clipped) - target) ** 2)
-    preferred = pairwise(rewards) > 0
+    rewards = normalize_rewards(rewards, reward_normalization)
+    target = _pairwise(rewards.to(ratio.dtype)) / beta
+    pair_losses = torch.maximum((_pairwise(ratio) - target) ** 2, (_pairwise(clipped) - target) ** 2)
+    preferred = _pairwise(rewards) > 0
     return (pair_losses * preferred).sum() / preferred.sum().clamp(min=1)
+
+
+class RegressionScales(NamedTuple):
+    target: float  # mean |R / beta| over the pairs the loss uses
+    log_ratio_gap: float  # mean |D| (difference of the pair's log-ratios) over the same pairs
+
+
+def regression_scales(log_ratios: torch.Tensor, rewards: torch.Tensor, beta: float) -> RegressionScales:
+    """How big PRDP's regression targets are next to what they regress: log_ratios (P, B) are the trajectories'
+    log-ratios to the reference (means over steps), rewards (P, B) as the loss sees them. A target far above the
+    log-ratio gaps the model shows means beta (or the reward scale) is off by that much."""
+    if log_ratios.ndim == 1:
+        log_ratios, rewards = _with_prompt_axis(log_ratios, rewards)
+    gaps, targets = _pairwise(log_ratios.detach().double()), _pairwise(rewards.detach().double()) / beta
+    preferred = targets > 0
+    if not preferred.any():
+        return RegressionScales(0.0, 0.0)
+    return RegressionScales(float(targets[preferred].mean()), float(gaps[preferred].abs().mean()))
 
 
 class DPOLoss(NamedTuple):

@@ -17,7 +17,7 @@ with the same settings. Candidates are scored on their decoded tensors, on the d
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -45,8 +45,12 @@ from ganrm_diffusers.errors import GanrmError
 from ganrm_diffusers.lora import check_lora_compatible
 from ganrm_diffusers.pruning import (
     CandidateSchedule,
+    FKResampling,
+    Lineage,
+    ScheduleError,
     Survivors,
     as_schedule,
+    deterministic_steps,
     predicted_clean_latents,
     select_scheduler_state,
 )
@@ -85,10 +89,16 @@ class RewardGuidedPipelineOutput(BaseOutput):
     """What a reward-guided call returns, prompt-major (all images of the first prompt come first).
 
     images: the `top_k` best images of each prompt, best first (PIL list, NHWC numpy, NCHW tensor in [0, 1], or
-        latents, as `output_type` asks). scores: their rewards (float32, CPU). seeds: the seed of each.
+        latents, as `output_type` asks). scores: their rewards (float32, CPU). seeds: the seed that regenerates
+        each with the plain pipeline; None for an image whose `FKResampling` lineage left its own seed.
+    lineages: under `FKResampling`, the `Lineage` of each image (its ancestor seed and the candidate it took its
+        latents from at each resampling checkpoint); None otherwise. candidate_lineages: the same for every
+        candidate with `return_candidates` (a candidate stopped early: its lineage when it stopped).
     With `return_candidates=True`, all `num_candidates` candidates of each prompt in seed order: candidates,
-    candidate_scores, candidate_seeds, and candidate_steps (the denoising steps each received: a candidate that
-    pruning stopped early is returned as the decoded x0 prediction it was judged on, with that score), and
+    candidate_scores, candidate_seeds (under `FKResampling`, candidate i is the particle that ended in slot i,
+    whatever its lineage: see candidate_lineages), and candidate_steps (the denoising steps each received: a
+    candidate that pruning stopped early is returned as the decoded x0 prediction it was judged on, with that
+    score), and
     checkpoint_scores: for each checkpoint of the `prune` schedule (keyed by the steps done), the reward of every
     candidate's x0 prediction there (NaN for candidates no longer live). `PruneSchedule(at=..., keep=(1.0, ...))`
     only probes: it shows how well early rewards predict final ones, at the cost of the decoding and scoring.
@@ -97,12 +107,14 @@ class RewardGuidedPipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     scores: torch.Tensor
-    seeds: list[int]
+    seeds: list[int | None]
+    lineages: list[Lineage] | None = None
     candidates: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
     candidate_scores: torch.Tensor | None = None
     candidate_seeds: list[int] | None = None
     candidate_steps: list[int] | None = None
     checkpoint_scores: dict[int, torch.Tensor] | None = None
+    candidate_lineages: list[Lineage] | None = None
     nsfw_content_detected: list[bool] | None = None
 
 
@@ -132,13 +144,22 @@ def candidate_seeds(
 @dataclass
 class _LiveCandidates:
     """The candidates still being denoised, prompt-major with the same number per prompt: their latents, their
-    index in the call's seed list (`ids`) and the noise generator each draws from."""
+    index in the call's seed list (`ids`, the slot whose noise generator each draws from), and under resampling
+    their lineage: the candidate each started from (`ancestors`) and the one whose latents each took at every
+    resampling checkpoint so far (`parents`, one column per checkpoint, keyed in `parent_steps`)."""
 
     latents: torch.Tensor
     ids: torch.Tensor
     generators: list[torch.Generator]
     num_prompts: int
     num_candidates: int
+    ancestors: torch.Tensor | None = None
+    parents: torch.Tensor | None = None
+    parent_steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ancestors = self.ids.clone() if self.ancestors is None else self.ancestors
+        self.parents = torch.empty(len(self.ids), 0, dtype=torch.long) if self.parents is None else self.parents
 
     @property
     def per_prompt(self) -> int:
@@ -149,18 +170,37 @@ class _LiveCandidates:
         """The prompt of each live candidate (its index in the call's prompt list)."""
         return self.ids // self.num_candidates
 
-    def go_on_with(self, survivors: Survivors, scheduler: object) -> None:
+    def go_on_with(self, survivors: Survivors, scheduler: object, steps_done: int) -> None:
         """Continue with the survivors of a checkpoint (scheduler state that is kept per sample follows them)."""
         offsets = torch.arange(self.num_prompts).unsqueeze(1) * self.per_prompt
         parents = (survivors.parents + offsets).flatten()
         select_scheduler_state(scheduler, parents, self.latents.shape)
         if survivors.inherit_identity:
             slots = parents
-        else:  # resampling: slot j keeps its own seed and noise, and takes its parent's latents
+        else:  # resampling: slot j keeps its own seed and noise, and takes its parent's latents (and lineage)
             slots = (torch.arange(survivors.parents.shape[1]) + offsets).flatten()
+            self.parents = torch.cat([self.parents[parents], self.ids[parents].unsqueeze(1)], dim=1)
+            self.parent_steps.append(steps_done)
+        self.ancestors = self.ancestors[parents]
         self.latents = self.latents[parents.to(self.latents.device)]
         self.ids = self.ids[slots]
         self.generators = [self.generators[slot] for slot in slots.tolist()]
+
+    def seed_of(self, position: int, seeds: list[int]) -> int | None:
+        """The seed that regenerates live candidate `position`: its slot's, unless resampling gave it another
+        lineage (its latents came from another slot at some checkpoint)."""
+        slot = int(self.ids[position])
+        return seeds[slot] if bool((self.parents[position] == slot).all()) else None
+
+    def lineage(self, position: int, seeds: list[int]) -> Lineage:
+        ancestor = int(self.ancestors[position])
+        parents = dict(zip(self.parent_steps, self.parents[position].tolist(), strict=True))
+        slot = int(self.ids[position])
+        return Lineage(ancestor, seeds[ancestor], parents, slot, self.seed_of(position, seeds))
+
+    def lineages(self, seeds: list[int]) -> dict[int, Lineage]:
+        """The lineage of every live candidate, keyed by its slot (its index in the call's seed list)."""
+        return {int(slot): self.lineage(position, seeds) for position, slot in enumerate(self.ids)}
 
 
 class RewardGuidedMixin:
@@ -207,7 +247,8 @@ class RewardGuidedMixin:
                 across prompts).
             seeds: one seed per candidate, prompt-major; or `seed` (candidates get seed, seed + 1, ...); or
                 `generator`, from which seeds are drawn. The seed of each returned image regenerates it with the
-                plain base pipeline: `generator=torch.Generator("cpu").manual_seed(seed)`.
+                plain base pipeline: `generator=torch.Generator("cpu").manual_seed(seed)` (under `FKResampling`
+                None where resampling gave the image another lineage: see the output's `lineages`).
             candidate_batch_size: candidates per UNet, VAE and reward model call (default: all at once), so many
                 candidates fit where the base pipeline's batch fits. The result does not depend on it.
             prune: `True` for the default `PruneSchedule()`, a `PruneSchedule`, or an `FKResampling`: stop the
@@ -221,6 +262,7 @@ class RewardGuidedMixin:
         width = width or self._default_image_size()
         self._check_call(prompts, num_candidates, top_k, output_type, height, width, candidate_batch_size)
         schedule = as_schedule(prune)
+        self._check_schedule(schedule, eta)
         self._guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -249,6 +291,8 @@ class RewardGuidedMixin:
         live = _LiveCandidates(latents, torch.arange(len(seeds)), generators, len(prompts), num_candidates)
         run = schedule.start(len(timesteps), top_k, seeds, num_candidates) if schedule is not None else None
         stopped: dict[int, tuple[torch.Tensor, float, int]] = {}  # pruned id -> (x0 preview, its score, steps)
+        stopped_lineages: dict[int, Lineage] = {}  # FK: a stopped particle's lineage when it stopped
+        resampling = isinstance(schedule, FKResampling)
         checkpoint_scores: dict[int, torch.Tensor] = {}
 
         # 3. Denoise the live candidates; at each checkpoint of the schedule keep only the promising ones.
@@ -265,6 +309,8 @@ class RewardGuidedMixin:
                 if run is not None and i in run.checkpoints:
                     x0 = predicted_clean_latents(self.scheduler, step, noise_pred, t, latents_before)
                     judged = live.ids
+                    if resampling and return_candidates:
+                        stopped_lineages.update(live.lineages(seeds))
                     scores, stops = self._checkpoint(live, run, i, x0, prompts, chunk, output_type, return_candidates)
                     checkpoint_scores[i + 1] = torch.full((len(seeds),), float("nan")).index_put_((judged,), scores)
                     stopped.update(stops)
@@ -287,7 +333,8 @@ class RewardGuidedMixin:
         result = RewardGuidedPipelineOutput(
             images=self._postprocess(outputs, output_type),
             scores=selection.scores,
-            seeds=[seeds[index] for index in live.ids[chosen].tolist()],
+            seeds=[live.seed_of(position, seeds) for position in chosen.tolist()],
+            lineages=[live.lineage(position, seeds) for position in chosen.tolist()] if resampling else None,
             nsfw_content_detected=nsfw,
         )
         if return_candidates:
@@ -300,6 +347,9 @@ class RewardGuidedMixin:
             result.candidate_seeds = list(seeds)
             result.candidate_steps = steps
             result.checkpoint_scores = checkpoint_scores
+            if resampling:  # each slot's last lineage: at the end, or when the particle stopped
+                lineages = {**stopped_lineages, **live.lineages(seeds)}
+                result.candidate_lineages = [lineages[index] for index in range(len(seeds))]
         self.maybe_free_model_hooks()
         if not return_dict:
             return result.images, result.scores, result.seeds
@@ -358,7 +408,7 @@ class RewardGuidedMixin:
         its score, the steps they received)."""
         previews, scores = self._decode_and_score(x0, prompts, live.prompt_rows, chunk)
         before = live.ids.tolist()
-        live.go_on_with(run.survivors(step_index, scores.view(live.num_prompts, -1)), self.scheduler)
+        live.go_on_with(run.survivors(step_index, scores.view(live.num_prompts, -1)), self.scheduler, step_index + 1)
         if not keep_previews:
             return scores, {}
         shown = x0 if output_type == "latent" else previews
@@ -418,6 +468,16 @@ class RewardGuidedMixin:
     def set_reward_model(self, reward_model: GANRewardModel | None) -> None:
         """Register (or replace, or remove) the reward model, so that save_pretrained stores it."""
         self.register_modules(reward_model=reward_model)
+
+    def _check_schedule(self, schedule: CandidateSchedule | None, eta: float) -> None:
+        """FK resampling duplicates particles; on deterministic steps the copies never diverge, so the call would
+        silently return copies of one image (top_k could return the same image twice)."""
+        if isinstance(schedule, FKResampling) and deterministic_steps(self.scheduler, eta):
+            raise ScheduleError(
+                f"FKResampling needs a stochastic sampler, but {type(self.scheduler).__name__} with eta={eta} adds no "
+                "noise: resampled copies of a particle would stay identical (and top_k could return one image "
+                "twice). Pass eta > 0 with DDIM, use a stochastic scheduler, or prune with PruneSchedule"
+            )
 
     def _check_call(
         self,

@@ -11,8 +11,9 @@ decodes and scores those predictions, and which candidates go on:
   without pruning (the same noise, the same steps), so pruning only decides which seeds are finished.
 - `FKResampling(...)`: in the spirit of Feynman-Kac steering (Singhal et al., 2025), candidates are particles that
   are resampled in proportion to a potential of their intermediate reward: good particles are duplicated, bad ones
-  dropped. Copies only diverge if the sampler adds noise (DDIM with eta > 0, or an ancestral scheduler), and a
-  resampled image no longer comes from one seed alone (it is reproducible from the same call, not from its seed).
+  dropped. Copies only diverge if the sampler adds noise (DDIM with eta > 0, or an ancestral scheduler): on a
+  deterministic sampler FK is refused (it would return copies of one image). A resampled image no longer comes from
+  one seed alone: the pipeline returns its `Lineage` and no seed for it (it is reproducible from the same call).
 
 Costs are counted in UNet evaluations: one latent through the UNet for one step (classifier-free guidance puts two
 rows through the UNet per evaluation; `count_unet_rows` counts rows, as a hook sees them).
@@ -45,6 +46,49 @@ class Survivors:
 
     parents: torch.Tensor
     inherit_identity: bool
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where an `FKResampling` particle's latents come from. Candidates are numbered as in the call's seed list
+    (`candidate_seeds`); each candidate number is a slot with its own seed and noise generator.
+
+    ancestor: the candidate whose initial noise x_T the lineage started from, ancestor_seed its seed. parents: for
+    each resampling checkpoint (keyed by the denoising steps done, as `checkpoint_scores`), the candidate whose
+    latents the particle took there; up to that checkpoint its noise came from that candidate's generator, after
+    the last one from its own `slot`'s. `seed` is the seed that regenerates the image with the plain pipeline:
+    the slot's seed when the lineage never left the slot, else None."""
+
+    ancestor: int
+    ancestor_seed: int
+    parents: dict[int, int]
+    slot: int
+    seed: int | None
+
+
+def deterministic_steps(scheduler: object, eta: float) -> bool:
+    """Whether the sampler's steps add no noise, so that copies of a particle stay identical (FK cannot work).
+
+    Known deterministic: DDIM with eta = 0, DPM-Solver without an SDE variant, and Euler, Heun, LMS, PNDM, UniPC,
+    DEIS and KDPM2 as diffusers pipelines call them. Others (DDPM, ancestral, SDE, LCM, TCD...) are taken as noisy.
+    """
+    name = type(scheduler).__name__
+    if name.startswith("DDIM"):
+        return eta == 0
+    if name.startswith("DPMSolver") and name != "DPMSolverSDEScheduler":
+        return not str(getattr(scheduler.config, "algorithm_type", "")).startswith("sde")
+    return name in _DETERMINISTIC_SCHEDULERS
+
+
+_DETERMINISTIC_SCHEDULERS = {
+    "EulerDiscreteScheduler",  # stochastic only with s_churn, which pipelines never pass
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "KDPM2DiscreteScheduler",
+}
 
 
 def _checkpoint_steps(at: Sequence[float], num_steps: int) -> list[int]:
@@ -142,7 +186,8 @@ class FKResampling(_Schedule):
 
     Potentials on the reward r_s of a lineage's x0 prediction at the checkpoints s so far:
     "max" (max_s r_s, the paper's recommended choice), "difference" (r_now - r_previous), "immediate" (r_now).
-    Needs a stochastic sampler (eta > 0 with DDIM) so that duplicated particles diverge.
+    Needs a stochastic sampler (eta > 0 with DDIM) so that duplicated particles diverge: the pipeline refuses a
+    deterministic one (see `deterministic_steps`). A returned image comes with its `Lineage`.
     """
 
     at: tuple[float, ...] = (0.2, 0.4, 0.6)

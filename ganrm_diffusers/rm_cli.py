@@ -63,7 +63,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--hidden-sizes", type=_sizes, default=(512, 128), help="head hidden sizes, e.g. 512,128")
     train.add_argument("--dropout", type=float, default=0.1)
-    train.add_argument("--prompt-aware", action="store_true", help="the head also sees the prompt (metadata.jsonl)")
+    train.add_argument(
+        "--prompt-aware",
+        action="store_true",
+        help="the head also sees the prompt: every image of --positives, --negatives and --pool needs its real "
+        "prompt in a metadata.jsonl (file_name + prompt or text, as `ganrm sample` writes; sampled negatives get "
+        "one); an image without one is an error, or the head could separate the sides by their text alone",
+    )
     train.add_argument("--rounds", type=int, default=0, help="rank-based bootstrapping rounds (needs --pool)")
     train.add_argument("--bootstrap-m", type=int, default=defaults.bootstrap_m, help="top-M / bottom-M per round")
     train.add_argument(

@@ -24,13 +24,17 @@ from tqdm.auto import tqdm
 
 from ganrm_diffusers.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from ganrm_diffusers.embedding_cache import EmbeddingCache, embed_files
-from ganrm_diffusers.errors import ImageInputError
+from ganrm_diffusers.errors import GanrmError, ImageInputError
 from ganrm_diffusers.plots import plot_training_curves
 from ganrm_diffusers.reward_model import GANRewardModel
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+
+
+class TrainingDivergedError(GanrmError, ValueError):
+    """Head training whose loss became NaN or infinite before any epoch gave a usable head."""
 
 
 @dataclass
@@ -191,6 +195,8 @@ def train_head(
             record.update(_evaluate(model, dataset, val_idx.to(device)))
             history.append(record)
             epochs.set_postfix(val_loss=f"{record['val_loss']:.3f}", val_auc=f"{record['val_auc']:.3f}", refresh=False)
+            if not _finite_losses(record, best_state is not None, round_index):
+                break  # later epochs cannot recover from NaN weights: keep the best finite epoch
             if record["val_loss"] < best_loss * (1 - config.min_improvement):
                 best_loss, best_epoch = record["val_loss"], epoch
                 best_state = copy.deepcopy(model.head.state_dict())
@@ -209,6 +215,24 @@ def train_head(
         val_size=len(val_idx),
     )
     return TrainingResult(metrics=metrics, history=history)
+
+
+def _finite_losses(record: dict, have_best: bool, round_index: int) -> bool:
+    """Whether an epoch's losses are finite. A non-finite one stops training: with a finite earlier epoch to fall
+    back on, with a warning; in the first epoch, with an error (there is no head to keep)."""
+    if np.isfinite(record["train_loss"]) and np.isfinite(record["val_loss"]):
+        return True
+    problem = (
+        f"reward-model training gave a NaN or infinite loss in epoch {record['epoch']} of round {round_index} "
+        f"(train loss {record['train_loss']}, validation loss {record['val_loss']})"
+    )
+    if not have_best:
+        raise TrainingDivergedError(
+            f"{problem}, before any finite epoch: check the inputs (NaN/infinite images or embeddings, labels "
+            "outside [0, 1]) and lower the learning rate"
+        )
+    logger.warning("%s: stopping and keeping the best finite epoch; consider a lower learning rate", problem)
+    return False
 
 
 def bootstrap_round(
@@ -254,9 +278,18 @@ def bootstrap_round(
 
 
 @dataclass
+class PromptedImages:
+    """Images in memory (a PIL list or an image tensor batch) with the prompt of each: a side of a prompt-aware
+    reward model's training data, or a bootstrapping pool. Files carry their prompts in metadata.jsonl instead."""
+
+    images: object
+    prompts: Sequence[str]
+
+
+@dataclass
 class EmbeddedSide:
     embeddings: torch.Tensor
-    prompts: list[str] | None
+    prompts: list[str | None] | None
     source: str
 
 
@@ -269,7 +302,11 @@ def embed_source(
     min_images: int,
     name: str,
 ) -> EmbeddedSide:
-    """Embeddings of a folder or file list (cached on disk), or of images in memory (PIL list, tensor batch)."""
+    """Embeddings of a folder or file list (cached on disk), or of images in memory (PIL list, tensor batch, or
+    `PromptedImages`), with the prompts that come with them (None where there are none)."""
+    prompts = None
+    if isinstance(source, PromptedImages):
+        source, prompts = source.images, list(source.prompts)
     if isinstance(source, (str, Path)) or (
         isinstance(source, Sequence) and len(source) > 0 and isinstance(source[0], (str, Path))
     ):
@@ -281,13 +318,26 @@ def embed_source(
     embeddings = model.encoder.encode_images(source)
     if len(embeddings) < min_images:
         raise ImageInputError(f"the {name} batch has {len(embeddings)} image(s); at least {min_images} are needed")
-    return EmbeddedSide(embeddings, None, f"{len(embeddings)} images in memory")
+    if prompts is not None and len(prompts) != len(embeddings):
+        raise ImageInputError(f"the {name} batch has {len(embeddings)} image(s) but {len(prompts)} prompts")
+    return EmbeddedSide(embeddings, prompts, f"{len(embeddings)} images in memory")
 
 
-def _text(model: GANRewardModel, side: EmbeddedSide) -> torch.Tensor | None:
+def _text(model: GANRewardModel, side: EmbeddedSide, name: str) -> torch.Tensor | None:
+    """The prompt embeddings of a side for a prompt-aware model. Every image needs its real prompt: were one side
+    captioned and the other not (or blank), the head could tell the sides apart by the text alone."""
     if not model.config.prompt_aware:
         return None
-    return model.embed_prompts(side.prompts or [""] * len(side.embeddings), len(side.embeddings))
+    missing = len(side.embeddings) if side.prompts is None else sum(prompt is None for prompt in side.prompts)
+    if missing:
+        raise ImageInputError(
+            f"this reward model is prompt-aware, but {missing} of the {len(side.embeddings)} {name} images "
+            f"({side.source}) have no prompt: give every image its prompt, in a metadata.jsonl beside the files "
+            "(one JSON line per image: file_name and prompt or text, as `ganrm sample` writes) or as "
+            "PromptedImages(images, prompts) for images in memory. Without them the head could tell the sides "
+            "apart by their missing text instead of by the images"
+        )
+    return model.embed_prompts(side.prompts, len(side.embeddings))
 
 
 @dataclass
@@ -323,7 +373,10 @@ def fit_reward_model(
 
     Each side is a folder, a list of files, a list of PIL images or an image tensor batch. With
     `config.bootstrap_rounds > 0`, `pools` gives the fresh generations of each round: a list (one image source per
-    round) or a callable `(round, model) -> images` that samples them from the current generator.
+    round) or a callable `(round, model) -> images` that samples them from the current generator. A prompt-aware
+    model needs the prompt of every image on both sides and in every pool: files take theirs from the nearest
+    metadata.jsonl (file_name + prompt or text), images in memory come as `PromptedImages(images, prompts)`;
+    any image without one is an error naming its side.
     `progress(step, total)` and `should_stop()` let a host (ComfyUI, a GUI) follow and interrupt training.
     """
     config = config or RewardTrainingConfig()
@@ -337,10 +390,10 @@ def fit_reward_model(
         )
     need = config.min_images_per_class
     positive = embed_source(model, positives, cache=cache, strict=strict, min_images=need, name="positives")
+    positive_text = _text(model, positive, "positives")  # before embedding the negatives: fail early
     negative = embed_source(model, negatives, cache=cache, strict=strict, min_images=need, name="negatives")
-    dataset = RewardDataset.from_sides(
-        positive.embeddings, negative.embeddings, _text(model, positive), _text(model, negative)
-    )
+    negative_text = _text(model, negative, "negatives")
+    dataset = RewardDataset.from_sides(positive.embeddings, negative.embeddings, positive_text, negative_text)
     split = split_validation(dataset, config.val_fraction, config.seed)
     total_steps = config.max_epochs * (1 + config.bootstrap_rounds)
 
@@ -367,7 +420,7 @@ def fit_reward_model(
             pool.embeddings,
             config,
             split,
-            pool_text=_text(model, pool),
+            pool_text=_text(model, pool, "pool"),
             round_index=round_index,
             progress=round_progress(round_index),
             should_stop=should_stop,

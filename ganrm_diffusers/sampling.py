@@ -153,6 +153,22 @@ def ddim_step_with_log_prob(
     return prev_sample, log_density.mean(dim=tuple(range(1, log_density.ndim)))
 
 
+def is_guidance_distilled(unet_config: object) -> bool:
+    """Whether a UNet takes its guidance scale as an input embedding (LCM-style `time_cond_proj_dim`): diffusers'
+    pipelines then skip classifier-free guidance and pass `timestep_cond` instead."""
+    return getattr(unet_config, "time_cond_proj_dim", None) is not None
+
+
+def guidance_embedding(pipe: DiffusionPipeline, guidance_scale: float) -> torch.Tensor | None:
+    """The `timestep_cond` of one latent, shape (1, time_cond_proj_dim), for a guidance-distilled UNet (None for
+    others), as diffusers' SD/SDXL pipelines compute it: the embedding of (guidance_scale - 1)."""
+    config = pipe.unet.config
+    if not is_guidance_distilled(config):
+        return None
+    scale = torch.tensor([guidance_scale - 1.0])
+    return pipe.get_guidance_scale_embedding(scale, embedding_dim=config.time_cond_proj_dim)
+
+
 def guided_noise_pred(
     unet: torch.nn.Module,
     scheduler,
@@ -161,17 +177,23 @@ def guided_noise_pred(
     conditioning: Conditioning,
     guidance_scale: float,
     chunk_size: int | None = None,
+    timestep_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scheduler's model output for `latents` at `timestep`: the UNet's prediction with classifier-free guidance
-    when guidance_scale > 1 (diffusers' rule), `chunk_size` latents per UNet call (guidance doubles each call)."""
-    guided = guidance_scale > 1.0
+    when guidance_scale > 1 (diffusers' rule), `chunk_size` latents per UNet call (guidance doubles each call).
+    With `timestep_cond` (see `guidance_embedding`) the UNet is guidance-distilled: it gets that embedding and one
+    unguided pass, as in diffusers' pipelines."""
+    guided = guidance_scale > 1.0 and timestep_cond is None
     chunk_size = chunk_size or len(latents)
     predictions = []
     for start in range(0, len(latents), chunk_size):
         part = slice(start, start + chunk_size)
         model_input = torch.cat([latents[part]] * 2) if guided else latents[part]
         model_input = scheduler.scale_model_input(model_input, timestep)
-        prediction = unet(model_input, timestep, **conditioning.select(part).unet_kwargs(guided), return_dict=False)[0]
+        kwargs = conditioning.select(part).unet_kwargs(guided)
+        if timestep_cond is not None:
+            kwargs["timestep_cond"] = timestep_cond.to(model_input).expand(len(model_input), -1)
+        prediction = unet(model_input, timestep, **kwargs, return_dict=False)[0]
         if guided:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
@@ -262,10 +284,12 @@ class DDIMLogProbSampler:
         self.chunk_size = chunk_size
         self.generator_device = generator_device
         self.is_sdxl = pipe.unet.config.addition_embed_type == "text_time"
+        self.timestep_cond = guidance_embedding(pipe, guidance_scale)  # None unless the UNet is guidance-distilled
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1.0  # diffusers' rule for doing classifier-free guidance
+        # diffusers' rule for doing classifier-free guidance; guidance-distilled UNets embed the scale instead
+        return self.guidance_scale > 1.0 and not is_guidance_distilled(self.pipe.unet.config)
 
     @property
     def stochastic_steps(self) -> list[int]:
@@ -309,7 +333,14 @@ class DDIMLogProbSampler:
     ) -> torch.Tensor:
         """`guided_noise_pred` with this sampler's scheduler, guidance scale and chunk size."""
         return guided_noise_pred(
-            unet, self.scheduler, latents, timestep, conditioning, self.guidance_scale, self.chunk_size
+            unet,
+            self.scheduler,
+            latents,
+            timestep,
+            conditioning,
+            self.guidance_scale,
+            self.chunk_size,
+            self.timestep_cond,
         )
 
     @torch.no_grad()

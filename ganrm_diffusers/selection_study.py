@@ -1,25 +1,24 @@
-"""Best-of-N, early pruning and FK resampling measured in the embedded world (rows of the demo report).
+"""Best-of-N, early pruning and FK resampling in the embedded world: the selection rows of the demo report.
 
-`selection_rows` runs every method on the same prompts with the same candidate seeds (so differences between
-methods are not sampling noise) and judges the selected images with the world's independent judges:
+`selection_runs` runs every method on the same prompts with the same candidate seeds (candidate j of prompt i has
+seed `seeds[i * N + j]` in every method, so differences between methods are not sampling noise) and returns what each
+selected, with its cost; the demo judges the images. Runs:
 
-- `random_candidate`: what the base model gives, i.e. a uniformly random candidate. Its rates are taken over all N
-  candidates of the best-of-N run (no extra sampling); its cost is one generation per selection.
-- `best_of_8`: full best-of-N (N = `num_candidates`, 8 by default).
-- `best_of_8_pruned`: best-of-N with the default `PruneSchedule()`; `pruned_*` rows: other pruning settings.
-- `*_eta1` and `fk_*` rows (with `stochastic=True`): Feynman-Kac-style resampling needs a stochastic sampler, so
-  FK is compared with best-of-N and pruning run with the same DDIM eta = 1 and the same seeds.
+- `best_of_8`: full best-of-N (N = `num_candidates`, 8 by default), keeping every candidate;
+- `best_of_8_pruned`: best-of-N with the given `PruneSchedule` (chosen on tuning seeds by `pruning_sweep`);
+- with `stochastic=True`, `best_of_8_eta1`, `best_of_8_pruned_eta1`, `fk_resample_same_cost_as_pruned` and
+  `fk_4_particles`: Feynman-Kac-style resampling needs a stochastic sampler, so FK is compared with best-of-N and
+  pruning run with the same DDIM eta = 1 and the same seeds.
 
-Each row: style_rate, class_accuracy, mean_reward (of the selected images, by the reward model that selected
-them), reward_gain (mean reward of the selected images minus that of a random candidate, i.e. the mean over all
-candidates of the same sampler), unet_evaluations (latents through the UNet, counted by a hook; guidance doubles
-them), seconds, and relative to full best-of-N with the same sampler: unet_cost, reward_gain_kept, style_gain_kept.
+`random_pick` turns a full run into the `random_candidate` row: one of the N candidates of each prompt, drawn
+uniformly with a fixed seed, the same cost as best-of-N and no reward. `pruning_sweep` simulates many pruning
+schedules from one probe run, for choosing a schedule on tuning seeds.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,14 @@ from ganrm_diffusers.pruning import FKResampling, PruneSchedule, count_unet_rows
 from ganrm_diffusers.reward_model import GANRewardModel
 from ganrm_diffusers.selection import select_top_k
 
-# Other pruning settings worth a row, each at most half the UNet evaluations of best-of-8 at 25 steps.
-EXTRA_PRUNE_SETTINGS: dict[str, PruneSchedule] = {
-    "pruned_8to4to2_at20_40": PruneSchedule(at=(0.2, 0.4), keep=(0.5, 0.5)),
-    "pruned_8to3_at20": PruneSchedule(at=(0.2,), keep=(0.375,)),
-    "pruned_8to1_at40": PruneSchedule(at=(0.4,), keep=(0.125,)),
-    "pruned_8to4_at10_then_2_at30": PruneSchedule(at=(0.1, 0.3), keep=(0.5, 0.5)),
+# Pruning schedules the demo's sweep compares on tuning seeds, each at most half the UNet evaluations of best-of-8.
+PRUNE_CANDIDATES: dict[str, PruneSchedule] = {
+    "8to2_at30": PruneSchedule(at=(0.3,), keep=(0.25,)),
+    "8to4to2_at20_40": PruneSchedule(at=(0.2, 0.4), keep=(0.5, 0.5)),
+    "8to3_at20": PruneSchedule(at=(0.2,), keep=(0.375,)),
+    "8to1_at40": PruneSchedule(at=(0.4,), keep=(0.125,)),
+    "8to4_at10_then_2_at30": PruneSchedule(at=(0.1, 0.3), keep=(0.5, 0.5)),
+    "8to2_at20": PruneSchedule(at=(0.2,), keep=(0.25,)),
 }
 
 
@@ -51,6 +52,7 @@ class _Run:
     candidate_images: torch.Tensor | None
     unet_rows: int
     seconds: float
+    extra: dict = field(default_factory=dict)
 
 
 def _run(
@@ -95,51 +97,34 @@ def _run(
     )
 
 
-def _judged(judges: object, images: torch.Tensor, digits: np.ndarray) -> dict:
-    return {
-        "style_rate": judges.style_rate(images),
-        "class_accuracy": judges.class_accuracy(images, digits),
-    }
-
-
-def selection_rows(
+def selection_runs(
     pipeline: str | Path | RewardGuidedPipeline,
     reward_model: GANRewardModel,
-    judges: object,
+    prompts: list[str],
+    seeds: list[int],
     *,
-    prompts_per_digit: int = 50,
+    schedule: PruneSchedule,
     num_candidates: int = 8,
-    seed: int = 0,
     num_inference_steps: int = 25,
     guidance_scale: float = 2.0,
-    extra_prune_settings: dict[str, PruneSchedule] | None = None,
     stochastic: bool = True,
     fk_lambda: float = 2.0,
     prompts_per_call: int = 50,
     progress: bool = True,
-) -> dict[str, dict]:
-    """Rows for the demo report's `methods` (see the module docstring), on 10 * `prompts_per_digit` selections.
-
-    `pipeline`: the world's pipeline folder (or a loaded reward-guided pipeline); `judges`: the world's
-    `Judges` (style_rate, class_accuracy). Candidate j of prompt i gets seed `seed + i * num_candidates + j` in
-    every method.
-    """
+) -> dict[str, _Run]:
+    """The runs of the module docstring on `prompts`, candidate j of prompt i drawn from `seeds[i * N + j]`."""
+    if len(seeds) != len(prompts) * num_candidates:
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts x {num_candidates} candidates")
     pipe = _reward_guided(pipeline, reward_model)
-    from ganrm_diffusers.world.generator import prompt_for
-
-    digits = np.repeat(np.arange(10), prompts_per_digit)
-    prompts = [prompt_for(int(digit)) for digit in digits]
-    seeds = list(range(seed, seed + len(prompts) * num_candidates))
     name = f"best_of_{num_candidates}"
     common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
 
     def run(description: str, keep_candidates: bool = False, candidates: int = num_candidates, **kwargs) -> _Run:
-        run_seeds = seeds
-        if candidates != num_candidates:  # fewer particles: the first seeds of each prompt's candidates
-            run_seeds = [
-                s for i in range(len(prompts)) for s in seeds[i * num_candidates : i * num_candidates + candidates]
-            ]
-        return _run(
+        # Fewer particles: the first seeds of each prompt's candidates.
+        run_seeds = [
+            s for i in range(len(prompts)) for s in seeds[i * num_candidates : i * num_candidates + candidates]
+        ]
+        result = _run(
             pipe,
             prompts,
             run_seeds,
@@ -151,74 +136,52 @@ def selection_rows(
             **common,
             **kwargs,
         )
+        prune = kwargs.get("prune")
+        return replace(
+            result,
+            extra={
+                **({"eta": kwargs["eta"]} if "eta" in kwargs else {}),
+                **({"prune": _describe(prune)} if prune is not None else {}),
+                **({"particles": candidates} if candidates != num_candidates else {}),
+            },
+        )
 
-    def row(result: _Run, full_row: dict | None, baseline: dict, extra: dict | None = None) -> dict:
-        """The row of `result`; its cost and kept gains relative to `full_row` (None: it is the full best-of-N)."""
-        mean_reward = float(result.scores.mean())
-        figures = {
-            **_judged(judges, result.images, digits),
-            "mean_reward": mean_reward,
-            "reward_gain": mean_reward - baseline["mean_reward"],
-            "unet_evaluations": result.unet_rows,
-            "seconds": result.seconds,
-            "selections": len(result.scores),
-        }
-        full_row = full_row or figures
-        return {
-            **figures,
-            "unet_cost": figures["unet_evaluations"] / full_row["unet_evaluations"],
-            **_gains_kept(figures, full_row, baseline),
-            **(extra or {}),
-        }
-
-    def random_candidate(full: _Run) -> dict:
-        candidate_digits = np.repeat(digits, num_candidates)
-        return {
-            **_judged(judges, full.candidate_images, candidate_digits),
-            "mean_reward": float(full.candidate_scores.mean()),
-            "reward_gain": 0.0,
-            "unet_evaluations": full.unet_rows // num_candidates,
-            "seconds": full.seconds / num_candidates,
-            "selections": len(full.scores),
-        }
-
-    rows: dict[str, dict] = {}
-    default = PruneSchedule()
-    full = run(name, keep_candidates=True)
-    rows["random_candidate"] = baseline = random_candidate(full)
-    rows[name] = full_row = row(full, None, baseline)
-    rows[f"{name}_pruned"] = row(
-        run(f"{name} pruned", prune=default), full_row, baseline, {"prune": _describe(default)}
-    )
-    for label, schedule in (EXTRA_PRUNE_SETTINGS if extra_prune_settings is None else extra_prune_settings).items():
-        rows[label] = row(run(label, prune=schedule), full_row, baseline, {"prune": _describe(schedule)})
-
+    runs = {name: run(name, keep_candidates=True), f"{name}_pruned": run(f"{name} pruned", prune=schedule)}
     if stochastic:
-        full_eta = run(f"{name} eta=1", keep_candidates=True, eta=1.0)
-        rows["random_candidate_eta1"] = baseline_eta = random_candidate(full_eta)
-        rows[f"{name}_eta1"] = full_eta_row = row(full_eta, None, baseline_eta, {"eta": 1.0})
-        rows[f"{name}_pruned_eta1"] = row(
-            run(f"{name} pruned eta=1", prune=default, eta=1.0),
-            full_eta_row,
-            baseline_eta,
-            {"eta": 1.0, "prune": _describe(default)},
-        )
-        fk_same_cost = FKResampling(at=default.at, keep=default.keep, lambda_=fk_lambda)
-        rows["fk_resample_same_cost_as_pruned"] = row(
-            run("FK same cost", prune=fk_same_cost, eta=1.0),
-            full_eta_row,
-            baseline_eta,
-            {"eta": 1.0, "prune": _describe(fk_same_cost)},
-        )
+        runs[f"{name}_eta1"] = run(f"{name} eta=1", keep_candidates=True, eta=1.0)
+        runs[f"{name}_pruned_eta1"] = run(f"{name} pruned eta=1", prune=schedule, eta=1.0)
+        same_cost = FKResampling(at=schedule.at, keep=schedule.keep, lambda_=fk_lambda)
+        runs["fk_resample_same_cost_as_pruned"] = run("FK same cost", prune=same_cost, eta=1.0)
         half = num_candidates // 2
-        fk_particles = FKResampling(at=(0.2, 0.4, 0.6), lambda_=fk_lambda)
-        rows[f"fk_{half}_particles"] = row(
-            run(f"FK {half} particles", candidates=half, prune=fk_particles, eta=1.0),
-            full_eta_row,
-            baseline_eta,
-            {"eta": 1.0, "prune": _describe(fk_particles), "particles": half},
-        )
-    return rows
+        particles = FKResampling(at=(0.2, 0.4, 0.6), lambda_=fk_lambda)
+        runs[f"fk_{half}_particles"] = run(f"FK {half} particles", candidates=half, prune=particles, eta=1.0)
+    return runs
+
+
+def random_pick(full: _Run, num_candidates: int, seed: int = 0) -> _Run:
+    """One of the N candidates of each prompt, drawn uniformly (fixed seed): what the base model gives at the cost
+    of best-of-N, with no reward involved."""
+    prompts = len(full.scores)
+    picks = torch.from_numpy(np.random.default_rng(seed).integers(0, num_candidates, prompts))
+    index = torch.arange(prompts) * num_candidates + picks
+    return _Run(
+        images=full.candidate_images[index],
+        scores=full.candidate_scores[index],
+        candidate_scores=None,
+        candidate_images=None,
+        unet_rows=full.unet_rows,
+        seconds=full.seconds,
+        extra={**full.extra, "picked_candidates": picks.tolist()[:10]},
+    )
+
+
+def choose_schedule(swept: dict[str, dict], max_cost: float = 0.5) -> str:
+    """The swept schedule a user could choose without a judge: the largest share of best-of-N's reward gain kept
+    within `max_cost` of its UNet evaluations (ties: the cheaper)."""
+    affordable = {name: row for name, row in swept.items() if "prune" in row and row["unet_cost"] <= max_cost + 1e-9}
+    if not affordable:
+        raise ValueError(f"no swept schedule costs at most {max_cost} of best-of-N")
+    return max(affordable, key=lambda name: (affordable[name]["reward_gain_kept"], -affordable[name]["unet_cost"]))
 
 
 def _gains_kept(row: dict, full_row: dict, baseline: dict) -> dict:

@@ -23,8 +23,9 @@ BETA_CONVENTIONS = (
     "Beta conventions: DPO's --beta is the paper's: loss = -log sigmoid(-beta/2 * ((mse_w - ref_mse_w) - "
     "(mse_l - ref_mse_l))), mse the mean over latent elements, 5000 in the official launchers; diffusers' research "
     "script train_diffusion_dpo.py calls beta/2 its --beta_dpo (its 2500 = our 5000). PRDP's --beta turns reward "
-    "differences (reward_scale x GAN-RM logit) into targets for log-ratio differences, log-ratios being means over "
-    "latent elements and over the stochastic steps, so beta and --clip_eps are per element and per step."
+    "differences (standardised within each prompt by default; reward_scale x GAN-RM logit with "
+    "--reward_normalization none) into targets for log-ratio differences, log-probs being means over latent "
+    "elements and log-ratios means over the stochastic steps, so beta and --clip_eps are per element and per step."
 )
 
 

@@ -1,4 +1,9 @@
-"""Shared fixtures. Everything runs offline: HF_HUB_OFFLINE is set before any Hugging Face import."""
+"""Shared fixtures. Everything runs offline: HF_HUB_OFFLINE is set before any Hugging Face import.
+
+Skips: a test skips only for a part missing on a developer's machine (ComfyUI, Chromium, `datasets`: see
+checks.require_or_skip) or for an opt-in it is not opted into (`@pytest.mark.opt_in("VARIABLE")`: it runs where
+VARIABLE=1). With CI set (.ci/run sets CI=1) every skip but the opt-ins is a failure, whatever raised it, so that
+CI cannot pass by skipping; .ci/run opts into each opt-in in a run of its own (`make test-comfyui-e2e`)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from checks import in_ci, require_or_skip  # noqa: E402
 from PIL import Image  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -22,6 +28,54 @@ TINY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+
+
+OPT_IN_MARKER = "opt_in"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{OPT_IN_MARKER}(variable, reason): runs only where the environment variable is 1; skipped otherwise, "
+        "also under CI (CI runs it in a run of its own with the variable set)",
+    )
+
+
+def _opt_in_missing(item: pytest.Item) -> str | None:
+    """The reason an opt-in test is not opted into, or None."""
+    for marker in item.iter_markers(OPT_IN_MARKER):
+        variable = marker.args[0]
+        if os.environ.get(variable) != "1":
+            return f"opt-in: {marker.kwargs.get('reason') or marker.args[1]} (set {variable}=1)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if (reason := _opt_in_missing(item)) is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under CI a skip is a failure, unless the test is an opt-in that is not opted into."""
+    report = yield
+    if report.skipped and in_ci() and not hasattr(report, "wasxfail") and _opt_in_missing(item) is None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where nothing may be skipped: {reason}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """Under CI a module that skips itself at import (pytest.importorskip, allow_module_level) fails instead."""
+    report = yield
+    if report.skipped and in_ci():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} skipped under CI, where nothing may be skipped: {reason}"
+    return report
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -107,15 +161,11 @@ def property_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 @pytest.fixture(scope="session")
 def comfyui_source() -> Path:
-    """The installed ComfyUI tree. Missing: skipped on a developer's machine, an error in CI (CI=true)."""
+    """The installed ComfyUI tree. Missing: skipped on a developer's machine, a failure under CI."""
     import comfyui_support
 
     tree = comfyui_support.find_comfyui_tree()
-    if tree is None:
-        message = "ComfyUI is not installed (see tests/comfyui-requirements.txt)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_or_skip(tree is not None, "ComfyUI is not installed (`make comfyui`; see tests/comfyui-requirements.txt)")
     assert comfyui_support.comfyui_version(tree) == comfyui_support.COMFYUI_VERSION, f"{tree} is another ComfyUI"
     return tree
 

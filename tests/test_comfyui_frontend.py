@@ -10,6 +10,7 @@ from pathlib import Path
 
 import comfyui_support
 import pytest
+from checks import require_or_skip
 
 pytestmark = pytest.mark.comfyui
 
@@ -23,11 +24,8 @@ ARTIFACTS = (
 
 @pytest.fixture(scope="module")
 def front_end(comfyui_server):
-    if not Path(comfyui_support.CHROMIUM).exists():
-        message = f"no Chromium at {comfyui_support.CHROMIUM} (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    chromium = Path(comfyui_support.CHROMIUM)
+    require_or_skip(chromium.exists(), f"no Chromium at {chromium} (apt-get install chromium)")
     with comfyui_support.FrontEnd(comfyui_server) as page:
         yield page
 

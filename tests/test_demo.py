@@ -38,20 +38,59 @@ def test_report_has_the_reward_model_figures(demo_out, reduced_world):
     assert (demo_out / "heldout_by_reward.png").is_file()
 
 
-def test_every_method_has_a_judged_row(demo_out):
-    methods = json.loads((demo_out / "report.json").read_text())["methods"]
+ROW_FIELDS = (
+    "style_rate",
+    "faint_rate",
+    "blank_rate",
+    "class_accuracy",
+    "kid_to_target",
+    "diversity",
+)
+
+
+def test_every_method_has_a_judged_row_on_the_same_seeds(demo_out):
+    report = json.loads((demo_out / "report.json").read_text())
+    methods = report["methods"]
     for name in ("base", "random_candidate", "best_of_8", "best_of_8_pruned", "sft", "dpo", "prdp"):
         row = methods[name]
+        for key in ROW_FIELDS:
+            assert math.isfinite(row[key]), (name, key)
+            low, high = row[f"{key}_ci95"]
+            assert low <= row[key] + 1e-9 and row[key] <= high + 1e-9, (name, key)
         assert 0.0 <= row["style_rate"] <= 1.0 and 0.0 <= row["class_accuracy"] <= 1.0, name
         assert math.isfinite(row["mean_reward"]) and row["unet_evaluations"] > 0, name
-    # Same seeds, same candidates: best-of-8 cannot select below the mean of its candidates.
+        assert row["count"] == report["evaluation"]["prompts"], name
+        assert (demo_out / row["grid"]).is_file(), name
+    # Each method beside its same-cost baseline, on the same prompts and seeds.
+    assert methods["best_of_8"]["baseline"] == "random_candidate" and methods["dpo"]["baseline"] == "base"
+    assert methods["random_candidate"]["unet_evaluations"] == methods["best_of_8"]["unet_evaluations"]
     assert methods["best_of_8"]["mean_reward"] >= methods["random_candidate"]["mean_reward"]
     assert methods["best_of_8_pruned"]["unet_evaluations"] < methods["best_of_8"]["unet_evaluations"]
+    # Settings are chosen on tuning seeds that never overlap the evaluation seeds.
+    tuning, evaluation = report["settings"]["tuning"]["seed_range"], report["evaluation"]["seed_range"]
+    assert tuning[0] > evaluation[1] or tuning[1] < evaluation[0]
+    assert report["settings"]["tuning"]["pruning"]["chosen"] in report["settings"]["tuning"]["pruning"]["swept"]
+    assert report["world"]["clip_captions"] and report["goals"]
     report_md = (demo_out / "report.md").read_text()
-    assert "| best_of_8_pruned |" in report_md and "| prdp |" in report_md
+    assert "| best_of_8_pruned |" in report_md and "| prdp |" in report_md and "grids/dpo.png" in report_md
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "prdp"])
+def test_the_rounds_row_reports_every_round(demo_out):
+    report = json.loads((demo_out / "report.json").read_text())
+    rounds = report["rounds"]
+    assert [entry["round"] for entry in rounds] == list(range(len(rounds))) and len(rounds) >= 2
+    for entry in rounds:
+        for key in ("auc_vs_current", "auc_vs_base", "style_rate", "kid_to_target", "class_accuracy"):
+            assert math.isfinite(entry[key]), key
+    assert rounds[0]["previous_auc_vs_current"] is None and math.isfinite(rounds[1]["previous_auc_vs_current"])
+    row = report["methods"]["rounds"]
+    for key in ROW_FIELDS:
+        assert math.isfinite(row[key]), key
+    assert row["style_rate"] == rounds[-1]["style_rate"]  # the last round's generator is the row
+    assert (demo_out / "rounds_curves.png").is_file() and "## GAN-RM rounds" in (demo_out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "prdp", "rounds"])
 def test_each_trainer_left_both_lora_files(demo_out, method):
     folder = demo_out / "lora" / method
     for name in (DIFFUSERS_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import assert_relative_close, relative_error, require_or_skip
 from comfyui_support import find_comfyui_tree
 from tiny_models import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
 
@@ -96,12 +97,15 @@ def test_save_writes_both_files_with_metadata_and_explicit_alpha(trained_lora):
 def test_diffusers_loads_the_lora_and_reproduces_the_trained_output(trained_lora, weight_name):
     assert (trained_lora["lora"] - trained_lora["base"]).abs().max() > 0.05  # the LoRA does change the output
     fresh = trained_lora["build"]()
-    assert torch.allclose(unet_output(fresh.unet), trained_lora["base"], atol=1e-6)
+    # A UNet that never had a LoRA against one with its adapters switched off, and below the loaded file against
+    # the trained adapters (another code path: diffusers' loader, kohya alpha): the same outputs up to float32
+    # order, as a whole. A LoRA at the wrong strength or on the wrong module errs by 1e-1 (the check above).
+    assert_relative_close(unet_output(fresh.unet), trained_lora["base"], 1e-5, "base output")
     if weight_name == DIFFUSERS_WEIGHT_NAME:  # the folder alone, as users write it
         fresh.load_lora_weights(str(trained_lora["folder"]))
     else:
         load_lora_into_pipeline(fresh, trained_lora["folder"], weight_name=weight_name)
-    assert torch.allclose(unet_output(fresh.unet), trained_lora["lora"], atol=1e-5)
+    assert_relative_close(unet_output(fresh.unet), trained_lora["lora"], 1e-4, f"output with {weight_name}")
 
 
 def test_lora_for_another_base_model_is_refused(trained_lora, tmp_path):
@@ -236,10 +240,10 @@ def comfyui_patch_matches_diffusers(comfyui_tree: str, workdir: str) -> dict:
         "unmapped": [name for name in modules if name not in key_map],
         "patched": sorted({key_map[name] for name in modules if name in key_map} & set(patches)),
         "warnings": [message for message in warnings if "lora" in message.lower() or "NOT LOADED" in message],
-        "base_difference": (comfy_base - diffusers_base).abs().max().item(),
-        "lora_effect": (diffusers_lora - diffusers_base).abs().max().item(),
-        "lora_difference": (comfy_lora - diffusers_lora).abs().max().item(),
-        "output_scale": diffusers_lora.abs().max().item(),
+        # Two implementations of the UNet: compared as whole outputs (relative to diffusers' output's norm).
+        "base_error": relative_error(comfy_base, diffusers_base),
+        "lora_effect": relative_error(diffusers_lora, diffusers_base),
+        "lora_error": relative_error(comfy_lora, diffusers_lora),
     }
 
 
@@ -247,8 +251,7 @@ def comfyui_patch_matches_diffusers(comfyui_tree: str, workdir: str) -> dict:
 @pytest.mark.slow
 def test_comfyui_maps_every_key_and_patches_to_the_diffusers_output(tmp_path):
     tree = find_comfyui_tree()
-    if tree is None:
-        pytest.skip("ComfyUI is not installed (make test installs it)")
+    require_or_skip(tree is not None, "ComfyUI is not installed (make test installs it)")
     tests_dir = Path(__file__).parent
     program = (
         f"import json, sys; sys.path.insert(0, {str(tests_dir)!r}); from test_lora import comfyui_patch_matches_diffusers; "
@@ -265,6 +268,8 @@ def test_comfyui_maps_every_key_and_patches_to_the_diffusers_output(tmp_path):
     assert result["modules"] == 128
     assert result["unmapped"] == [] and result["warnings"] == []
     assert len(result["patched"]) == 128
-    assert result["base_difference"] < 1e-4  # same weights, same network: the comparison below is meaningful
-    assert result["lora_effect"] > 100 * result["lora_difference"]
-    assert result["lora_difference"] < 1e-4 * max(1.0, result["output_scale"])
+    # Same weights, same network in two implementations: the same output up to float32 order, so that the
+    # comparison below is meaningful. A LoRA patched at the wrong strength, or not at all, errs by ~lora_effect.
+    assert result["base_error"] < 1e-4, result
+    assert result["lora_effect"] > 1e-2, result
+    assert result["lora_error"] < 1e-4 and result["lora_effect"] > 100 * result["lora_error"], result

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checks import assert_relative_close, import_or_skip
 from PIL import Image
 from tiny_models import tiny_sd_pipeline
 
@@ -89,12 +90,15 @@ def test_sample_writes_every_candidate_with_prompt_seed_score_and_rank(saved_pip
     # The scores are the reward model's scores of the written files (PNG quantisation aside).
     reward_model = GANRewardModel.from_pretrained(saved_pipeline / "reward_model")
     images = [Image.open(reference / record["file_name"]).convert("RGB") for record in records]
-    assert np.allclose(reward_model.score(images).numpy(), [record["score"] for record in records], atol=1e-2)
+    recorded = [record["score"] for record in records]
+    # Not the same numbers: the files hold the images rounded to 8 bits. That moves the scores by ~1e-3 relative;
+    # a score recorded for another file errs by 1e-1.
+    assert_relative_close(reward_model.score(images), recorded, 1e-2, "scores of the written files")
     assert not list((reference / PARTS_DIR).glob("*.jsonl"))  # merged into metadata.jsonl
 
 
 def test_the_folder_loads_as_an_imagefolder_dataset(reference):
-    datasets = pytest.importorskip("datasets")
+    datasets = import_or_skip("datasets", "`datasets` is not installed (pip install -e '.[dev]')")
     dataset = datasets.load_dataset("imagefolder", data_dir=str(reference), split="train")
     assert len(dataset) == len(PROMPTS) * CANDIDATES
     assert {"image", "prompt", "seed", "score", "rank"} <= set(dataset.column_names)
@@ -173,7 +177,9 @@ def test_two_accelerate_processes_split_the_prompts_and_give_the_single_process_
 
     single, double = read_records(reference), read_records(tmp_path / "double")
     assert comparable(double) == comparable(single)
-    assert np.allclose([r["score"] for r in double], [r["score"] for r in single], atol=1e-4)
+    # The same candidates sampled by two processes of one thread each: the same scores up to float32 order.
+    scores_double, scores_single = [r["score"] for r in double], [r["score"] for r in single]
+    assert_relative_close(scores_double, scores_single, 1e-4, "scores of two processes vs one")
     for record in single:
         a = np.asarray(Image.open(reference / record["file_name"]), dtype=np.int16)
         b = np.asarray(Image.open(tmp_path / "double" / record["file_name"]), dtype=np.int16)

@@ -7,13 +7,20 @@ import torch
 
 from ganrm_diffusers.pruning import FKResampling, PruneSchedule
 from ganrm_diffusers.reward_model import GANRewardModel
-from ganrm_diffusers.selection_study import early_reward_agreement, format_rows, pruning_sweep, selection_rows
+from ganrm_diffusers.selection_study import (
+    choose_schedule,
+    early_reward_agreement,
+    pruning_sweep,
+    random_pick,
+    selection_runs,
+)
+from ganrm_diffusers.world.generator import prompt_for
 
 STEPS = 6
 CANDIDATES = 4
-
-
 CASCADE = PruneSchedule(at=(0.3, 0.6), keep=(0.5, 0.5))
+PROMPTS = [prompt_for(digit) for digit in range(10)]
+SEEDS = list(range(CANDIDATES * len(PROMPTS)))
 
 
 @pytest.fixture(scope="module")
@@ -23,57 +30,61 @@ def reward_model(reduced_world) -> GANRewardModel:
 
 
 @pytest.fixture(scope="module")
-def rows(reduced_world, reward_model) -> dict[str, dict]:
-    return selection_rows(
+def runs(reduced_world, reward_model):
+    return selection_runs(
         reduced_world.pipeline_dir,
         reward_model,
-        reduced_world.judges,
-        prompts_per_digit=1,
+        PROMPTS,
+        SEEDS,
+        schedule=CASCADE,
         num_candidates=CANDIDATES,
         num_inference_steps=STEPS,
         guidance_scale=2.0,
-        extra_prune_settings={"cascade": CASCADE},
         fk_lambda=1.0,
         prompts_per_call=10,
         progress=False,
     )
 
 
-def test_rows_use_the_same_seeds_and_count_what_each_method_costs(rows):
-    assert list(rows) == [
-        "random_candidate",
+def test_runs_use_the_same_seeds_and_count_what_each_method_costs(runs):
+    assert list(runs) == [
         "best_of_4",
         "best_of_4_pruned",
-        "cascade",
-        "random_candidate_eta1",
         "best_of_4_eta1",
         "best_of_4_pruned_eta1",
         "fk_resample_same_cost_as_pruned",
         "fk_2_particles",
     ]
     guided_rows = 2 * 10  # classifier-free guidance: two UNet rows per candidate and step; ten prompts
-    assert rows["best_of_4"]["unet_evaluations"] == guided_rows * CANDIDATES * STEPS
-    assert rows["random_candidate"]["unet_evaluations"] == guided_rows * STEPS
-    assert rows["best_of_4_pruned"]["unet_evaluations"] == guided_rows * PruneSchedule().unet_evaluations(4, STEPS)
-    assert rows["cascade"]["unet_evaluations"] == guided_rows * (4 + 4 + 2 + 2 + 1 + 1)
+    assert runs["best_of_4"].unet_rows == guided_rows * CANDIDATES * STEPS
+    assert runs["best_of_4_pruned"].unet_rows == guided_rows * (4 + 4 + 2 + 2 + 1 + 1)
     fk = FKResampling(at=(0.2, 0.4, 0.6))
-    assert rows["fk_2_particles"]["unet_evaluations"] == guided_rows * fk.unet_evaluations(2, STEPS)
-    assert rows["cascade"]["unet_cost"] == pytest.approx(14 / 24)
-
-    for suffix in ("", "_eta1"):
-        full, random = rows[f"best_of_4{suffix}"], rows[f"random_candidate{suffix}"]
-        # The best candidate of each prompt beats the mean candidate; a pruned run picks among fewer finished ones.
-        assert full["reward_gain"] == pytest.approx(full["mean_reward"] - random["mean_reward"], abs=1e-6)
-        assert full["reward_gain"] > 0 and full["reward_gain_kept"] == pytest.approx(1.0)
-        assert rows[f"best_of_4_pruned{suffix}"]["reward_gain"] <= full["reward_gain"] + 1e-4
-    assert rows["cascade"]["reward_gain"] <= rows["best_of_4"]["reward_gain"] + 1e-4
-    for row in rows.values():
-        assert 0 <= row["style_rate"] <= 1 and 0 <= row["class_accuracy"] <= 1 and row["selections"] == 10
-    table = format_rows(rows)
-    assert table.splitlines()[0].startswith("method") and "best_of_4_pruned" in table
+    assert runs["fk_2_particles"].unet_rows == guided_rows * fk.unet_evaluations(2, STEPS)
+    assert runs["best_of_4_eta1"].extra == {"eta": 1.0} and runs["best_of_4"].extra == {}
+    assert runs["fk_2_particles"].extra["particles"] == 2
+    for name in ("best_of_4", "best_of_4_eta1"):
+        full = runs[name]
+        # The selected image is the best of its prompt's candidates, which are kept in seed order.
+        grouped = full.candidate_scores.view(10, CANDIDATES)
+        assert torch.equal(full.scores, grouped.max(dim=1).values)
+        assert len(full.images) == 10 and len(full.candidate_images) == 10 * CANDIDATES
+    # A pruned run picks among fewer finished candidates: never above the full run's best.
+    assert (runs["best_of_4_pruned"].scores <= runs["best_of_4"].scores + 1e-4).all()
 
 
-def test_the_sweep_simulates_what_a_pruned_run_measures(reduced_world, reward_model, rows):
+def test_random_pick_takes_one_candidate_per_prompt_at_the_full_cost(runs):
+    full = runs["best_of_4"]
+    picked = random_pick(full, CANDIDATES, seed=0)
+    again = random_pick(full, CANDIDATES, seed=0)
+    assert torch.equal(picked.images, again.images) and picked.unet_rows == full.unet_rows
+    assert len(picked.images) == 10
+    candidates = full.candidate_images.view(10, CANDIDATES, *full.candidate_images.shape[1:])
+    for prompt in range(10):
+        assert any(torch.equal(picked.images[prompt], candidates[prompt, j]) for j in range(CANDIDATES))
+    assert picked.scores.mean() <= full.scores.mean()
+
+
+def test_the_sweep_simulates_what_a_pruned_run_selects(reduced_world, reward_model, runs):
     swept = pruning_sweep(
         reduced_world.pipeline_dir,
         reward_model,
@@ -81,15 +92,19 @@ def test_the_sweep_simulates_what_a_pruned_run_measures(reduced_world, reward_mo
         {"default": PruneSchedule(), "cascade": CASCADE},
         prompts_per_digit=1,
         num_candidates=CANDIDATES,
+        seed=0,
         num_inference_steps=STEPS,
         guidance_scale=2.0,
         prompts_per_call=10,
         progress=False,
     )
-    for simulated, measured in (("default", "best_of_4_pruned"), ("cascade", "cascade"), ("best_of_4", "best_of_4")):
-        for key in ("style_rate", "class_accuracy", "mean_reward", "reward_gain", "unet_cost"):
-            assert swept[simulated][key] == pytest.approx(rows[measured][key], abs=1e-4), (simulated, key)
-    assert swept["random_candidate"]["mean_reward"] == pytest.approx(rows["random_candidate"]["mean_reward"], abs=1e-4)
+    for simulated, measured in (("cascade", "best_of_4_pruned"), ("best_of_4", "best_of_4")):
+        assert swept[simulated]["mean_reward"] == pytest.approx(float(runs[measured].scores.mean()), abs=1e-4)
+    assert swept["cascade"]["unet_cost"] == pytest.approx(14 / 24)
+    cheaper = min(("default", "cascade"), key=lambda name: swept[name]["unet_cost"])
+    assert choose_schedule(swept, max_cost=swept[cheaper]["unet_cost"]) == cheaper  # the only one that cheap
+    with pytest.raises(ValueError, match="no swept schedule"):
+        choose_schedule(swept, max_cost=0.1)
 
 
 def test_early_reward_agreement_is_measured_at_each_fraction(reduced_world, reward_model):

@@ -124,6 +124,52 @@ def test_judges_read_real_digits(reduced_world):
     assert judges.class_accuracy(target, target_digits) >= 0.9
     assert judges.class_accuracy(other, other_digits) >= 0.9
     assert judges.class_accuracy(other, [(d + 1) % 10 for d in other_digits]) <= 0.1
+    assert judges.faint_rate(target) == 0.0 and judges.blank_rate(target) == 0.0
+
+
+def test_less_ink_is_not_thinner_strokes(reduced_world):
+    """Real ordinary digits made fainter have little ink but no full-intensity stroke: not the style, but faint."""
+    judges = reduced_world.judges
+    other, _ = reduced_world.heldout_other_images()
+    for factor in (0.8, 0.7, 0.5):
+        assert judges.style_rate(other * factor) == 0.0, factor
+        assert judges.faint_rate(other * factor) == 1.0, factor
+    assert judges.blank_rate(torch.zeros(3, 3, 16, 16)) == 1.0
+    assert judges.style_rate(torch.zeros(3, 3, 16, 16)) == 0.0
+    # A fragment (half the glyph erased) has little ink and a bright stroke, but not a whole glyph.
+    target, _ = reduced_world.heldout_target_images()
+    fragments = target.clone()
+    fragments[:, :, :, 6:] = 0
+    assert judges.style_rate(fragments) <= 0.1
+
+
+def test_the_style_rule_fits_real_thin_digits():
+    """On all of scikit-learn's digits: nearly every digit in the thinnest ink quarter passes the whole rule, no
+    ordinary digit does, and no dimmed ordinary digit does (figures measured, bars with margin)."""
+    from ganrm_diffusers.world.judge import fit_style_rule, rule_measure
+    from ganrm_diffusers.world.style import ink, load_real_digits
+
+    pixels = load_real_digits(16).pixels()
+    rule = fit_style_rule(pixels, 0.25)
+    thin = ink(pixels) <= rule.max_ink
+    styled = rule_measure(rule, pixels) >= 0
+    assert styled[thin].float().mean() >= 0.95  # measured 0.989
+    assert not styled[~thin].any()
+    for factor in (0.8, 0.7):
+        assert (rule_measure(rule, pixels[~thin] * factor) >= 0).float().mean() <= 0.01  # measured 0.0
+
+
+def test_the_clip_was_never_told_the_style(reduced_world):
+    from ganrm_diffusers.world import clip_training
+
+    template = reduced_world.info["clip_captions"]
+    assert template == clip_training.CAPTION_TEMPLATE
+    words = {"thin", "light", "heavy", "bold", "ink", "stroke", "faint", "thick"}
+    captions = {
+        clip_training.caption(d, s, h, p) for d in range(10) for s in range(3) for h in range(3) for p in range(3)
+    }
+    assert len(captions) == 270
+    assert not any(word in caption.split() for caption in captions for word in words)
 
 
 def test_judges_read_every_image_form_alike(reduced_world):
@@ -153,6 +199,8 @@ def test_judges_reload_identically(reduced_world, tmp_path):
     copy = Judges.load(reduced_world.judges.save(tmp_path / "judge"))
     assert (copy.predict_digits(pixels) == reduced_world.judges.predict_digits(pixels)).all()
     assert torch.equal(copy.style_measure(pixels), reduced_world.judges.style_measure(pixels))
+    assert torch.equal(copy.features(pixels), reduced_world.judges.features(pixels))
+    assert copy.features(pixels).shape == (len(pixels), 64)
 
 
 def test_same_seed_builds_the_same_world(reduced_world, tmp_path, capsys):

@@ -11,6 +11,7 @@ is the same UNet with its LoRA switched off: no second copy in memory.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from ganrm_diffusers.finetune import (
     Batch,
     FinetuneConfig,
     FinetuneRun,
+    PreferenceExamples,
+    TrainingConfigError,
     build_examples,
     conditioning_kwargs,
     denoising_target,
@@ -32,6 +35,8 @@ from ganrm_diffusers.finetune import (
 )
 from ganrm_diffusers.losses import diffusion_dpo_loss
 
+logger = logging.getLogger(__name__)
+
 BETA_HELP = (
     "the paper's beta: loss = -log sigmoid(-beta/2 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))), mse the mean "
     "over latent elements; 2000-5000 in the paper, 5000 in its official launchers. diffusers' research script "
@@ -44,12 +49,41 @@ class DPOConfig(FinetuneConfig):
     """Diffusion-DPO on (best, worst) of N candidates per prompt under the GAN-RM."""
 
     candidates: str | None = option(None, "a `ganrm sample` folder to train on (default: sample from --prompts now)")
-    num_candidates: int = option(8, "candidates sampled per prompt when sampling now")
+    num_candidates: int = option(8, "candidates sampled per prompt when sampling now (at least 2: best and worst)")
     beta: float = option(5000.0, BETA_HELP)
 
     @property
     def method(self) -> str:
         return "dpo"
+
+    def check(self) -> None:
+        super().check()
+        check_pair_candidates(self.num_candidates, sampling=not self.candidates)
+
+
+def check_pair_candidates(num_candidates: int, sampling: bool = True) -> None:
+    """DPO pairs the best and the worst of a prompt's candidates: one candidate would pair an image with itself."""
+    if sampling and num_candidates < 2:
+        raise TrainingConfigError(
+            f"DPO pairs the best and the worst of each prompt's candidates: --num_candidates must be at least 2, "
+            f"got {num_candidates}"
+        )
+
+
+def report_dropped_pairs(run: FinetuneRun, examples: PreferenceExamples) -> None:
+    """Say how many (best, worst) pairs were left out (the same image, or tied rewards), and fail if all were."""
+    if examples.dropped_pairs:
+        message = (
+            f"left out {examples.dropped_pairs} of {examples.dropped_pairs + len(examples)} (best, worst) pairs: "
+            "winner and loser were the same image or had tied rewards"
+        )
+        logger.warning(message)
+        run.print(message)
+    if len(examples) == 0:
+        raise TrainingConfigError(
+            "no DPO pairs left: every prompt's best and worst candidates tied on reward (a constant reward model, "
+            "or identical candidates: sample with more candidates or another seed)"
+        )
 
 
 def dpo_loss(run: FinetuneRun, batch: Batch):
@@ -77,10 +111,12 @@ def train(config: DPOConfig, run: FinetuneRun | None = None) -> dict:
     examples = build_examples(
         run, candidates=config.candidates, num_candidates=config.num_candidates, top_k=1, pairs=True
     )
+    report_dropped_pairs(run, examples)
     eval_prompts = read_prompts(config) if config.prompts and run.reward_model is not None else None
     train_on_examples(run, examples, dpo_loss, eval_prompts=eval_prompts)
     margin = float((examples.winner_scores - examples.loser_scores).mean())
-    return finish_run(run, CURVES, {"pairs": len(examples), "mean_score_margin": margin})
+    summary = {"pairs": len(examples), "dropped_pairs": examples.dropped_pairs, "mean_score_margin": margin}
+    return finish_run(run, CURVES, summary)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,10 +10,14 @@ max((D - R/beta)^2, (D_clip - R/beta)^2) over all pairs of trajectories of the s
 pair's log-ratios to the frozen reference (the UNet with its LoRA off), averaged over the stochastic steps, D_clip
 the same with every per-step ratio clipped to theta_old's +- eps (ganrm_diffusers.losses.prdp_loss).
 
-Defaults are the authors' small-scale settings (K 10, N 32, B 16, beta 3e-5, eps 1e-6, 50 DDIM steps with eta 1,
-guidance 5, AdamW lr 1e-5, weight decay 1e-4, grad-norm clip 1). Scale convention: log-probabilities are means
-over latent elements and ratios means over steps, so beta and eps are per element and per step; rewards enter as
-reward_scale * GAN-RM logit (see --reward_scale).
+Defaults are the authors' small-scale settings (K 10, N 32, B 16, eps 1e-6, 50 DDIM steps with eta 1, guidance 5,
+AdamW lr 1e-5, weight decay 1e-4, grad-norm clip 1) except for the reward scale: the authors' beta 3e-5 goes with
+raw HPSv2 rewards, whose gaps within a prompt are about 100x smaller than GAN-RM logit gaps. Here rewards are
+standardised within each prompt by default (--reward_normalization per_prompt: minus the prompt's mean, over its
+std across the B samples), so their differences are O(1) whatever the reward model, and beta defaults to 30 (see
+BETA_HELP). Scale convention: log-probabilities are means over latent elements and ratios means over steps, so
+beta and eps are per element and per step. A warning names a beta that puts the targets R/beta more than 100x
+away from the log-ratio gaps the run shows.
 
 The loss depends on all steps of a trajectory at once (through the mean over T), yet all B x T UNet evaluations
 cannot keep their graphs at once on a real model. Each gradient step therefore takes the loss's gradient with
@@ -24,6 +28,7 @@ ratio clipped) are skipped.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -47,30 +52,53 @@ from ganrm_diffusers.finetune import (
     score_images,
     setup_run,
 )
-from ganrm_diffusers.losses import prdp_loss
+from ganrm_diffusers.losses import normalize_rewards, prdp_loss, regression_scales
 from ganrm_diffusers.sampling import Trajectory
 
+logger = logging.getLogger(__name__)
+
+# Why 30: with per-prompt standardised rewards a pair's reward difference is O(1) (about 1.1 on average for B = 16),
+# so beta 30 gives targets R/beta of about 0.04, in the range of the mean log-ratios a LoRA reaches; and 30 is the
+# beta measured to work in the embedded world's demo on raw GAN-RM logit gaps of about 1, the same scale.
+DEFAULT_BETA = 30.0
 BETA_HELP = (
-    "KL strength: the regression target of a pair is (reward difference) / beta, rewards being reward_scale x "
-    "GAN-RM logits, log-ratios means over latent elements and over the stochastic steps (so beta is per element "
-    "and per step). The authors' 3e-5 (small scale) / 3e-6 (large scale) go with HPSv2 rewards"
+    "KL strength: the regression target of a pair is (reward difference) / beta. Convention: log-probs are means "
+    "over latent elements and log-ratios means over the stochastic steps, so beta (and clip_eps) are per element "
+    "and per step. The default 30 goes with per-prompt standardised rewards (differences of about 1, targets of "
+    "about 0.04, the size of the log-ratios a LoRA reaches; 30 is also the beta measured to work in the demo on "
+    "raw logit gaps of about 1). "
+    "The authors' 3e-05 (small scale) / 3e-06 (large scale) go with raw HPSv2 rewards (--reward_normalization none)"
+)
+REWARD_NORMALIZATION_HELP = (
+    "per_prompt: standardise the rewards within each prompt (minus the prompt's mean, divided by its std over the "
+    "samples_per_prompt samples + 1e-4), so beta does not depend on the reward model's scale; none: reward_scale x "
+    "GAN-RM logit as it is (the authors' setting, whose beta then must match the logit gaps)"
 )
 REWARD_SCALE_HELP = (
-    "multiplies the GAN-RM logits before the loss. 1 keeps logits, whose gaps between samples of one prompt are "
-    "about 100x HPSv2's, so the same beta then means a 100x weaker KL tie to the reference"
+    "multiplies the GAN-RM logits before the loss (no effect with per_prompt normalisation). With none, 1 keeps "
+    "logits, whose gaps between samples of one prompt are about 100x HPSv2's, so the authors' beta then means a "
+    "100x weaker KL tie to the reference"
 )
+# A target R/beta more than this many times the log-ratio gaps the model shows means beta (or the reward scale)
+# is off: the regression then asks for log-ratios the model never reaches, and nothing ties it to the reference.
+TARGET_MISMATCH = 100.0
+# Log-ratios start at exactly 0 (the LoRA starts as the base model): gaps below this count as this much, so that a
+# sound run's targets (about 0.04) never warn while its log-ratios are still growing.
+LOG_RATIO_FLOOR = 1e-3
 
 
 @dataclass
 class PRDPConfig(FinetuneConfig):
-    """Online PRDP with a GAN-RM reward; defaults are the authors' small-scale hyperparameters."""
+    """Online PRDP with a GAN-RM reward; defaults are the authors' small-scale hyperparameters, except beta (30,
+    for per-prompt standardised rewards: see --beta and --reward_normalization)."""
 
     epochs: int = option(100, "epochs: each samples fresh trajectories, then takes inner_steps gradient steps")
     inner_steps: int = option(10, "K: gradient steps per epoch on that epoch's trajectories")
     prompts_per_epoch: int = option(32, "N: prompts drawn per epoch (split across processes)")
     samples_per_prompt: int = option(16, "B: trajectories per prompt; pairs are only formed within a prompt")
-    beta: float = option(3e-5, BETA_HELP)
+    beta: float = option(DEFAULT_BETA, BETA_HELP)
     clip_eps: float = option(1e-6, "proximal clipping of each per-step log-ratio around theta_old's (per element)")
+    reward_normalization: str = option("per_prompt", REWARD_NORMALIZATION_HELP, choices=("per_prompt", "none"))
     reward_scale: float = option(1.0, REWARD_SCALE_HELP)
     # The authors' optimisation and sampling settings.
     learning_rate: float = option(1e-5, "AdamW learning rate")
@@ -90,6 +118,12 @@ class PRDPConfig(FinetuneConfig):
             raise TrainingConfigError("PRDP needs stochastic steps: --eta must be > 0")
         if self.samples_per_prompt < 2:
             raise TrainingConfigError("PRDP compares trajectories of a prompt: --samples_per_prompt must be >= 2")
+        if self.reward_normalization not in ("per_prompt", "none"):
+            raise TrainingConfigError(
+                f"--reward_normalization must be per_prompt or none, got {self.reward_normalization!r}"
+            )
+        if self.beta <= 0:
+            raise TrainingConfigError(f"--beta must be positive, got {self.beta}")
 
 
 @dataclass
@@ -101,7 +135,7 @@ class EpochSamples:
     steps: list[int]
     old_log_probs: torch.Tensor  # (P * B, S)
     ref_log_probs: torch.Tensor  # (P * B, S)
-    rewards: torch.Tensor  # (P * B,)
+    rewards: torch.Tensor  # (P * B,), as the loss sees them (standardised per prompt unless normalization is none)
     logits: torch.Tensor  # (P * B,), the reward model's raw scores
 
 
@@ -127,12 +161,13 @@ def sample_epoch(run: FinetuneRun, prompts: list[str], epoch: int) -> EpochSampl
     steps = run.sampler.stochastic_steps
     reference = torch.stack([run.sampler.reference_log_prob(trajectory, step, run.model) for step in steps], dim=1)
     logits = score_images(run, trajectory.images, trajectory.prompts)
+    rewards = normalize_rewards((logits * config.reward_scale).view(-1, per_prompt), config.reward_normalization)
     return EpochSamples(
         trajectory=trajectory,
         steps=steps,
         old_log_probs=trajectory.log_probs[:, steps].float(),
         ref_log_probs=reference.float(),
-        rewards=logits * config.reward_scale,
+        rewards=rewards.flatten(),
         logits=logits,
     )
 
@@ -169,12 +204,45 @@ def prdp_step(run: FinetuneRun, samples: EpochSamples, current: torch.Tensor) ->
             accelerator.backward((coefficients[rows, column].to(log_prob.device) * log_prob).sum())
     ratio = (current - samples.ref_log_probs).mean(dim=1)
     moved = (current - samples.old_log_probs).abs()
+    scales = regression_scales(ratio.view(shape[:2]), samples.rewards.view(shape[:2]), config.beta)
     return {
         "loss": float(loss.detach()),
         "clipped_fraction": float((moved > config.clip_eps).float().mean()),
         "log_ratio": float(ratio.mean()),
+        "target_scale": scales.target,
+        "log_ratio_gap": scales.log_ratio_gap,
         "active_pieces": len(active) / len(pieces),
     }
+
+
+def warn_on_target_mismatch(run: FinetuneRun, logs: list[dict]) -> bool:
+    """Warn (log and print, on the main process) if this epoch's targets and log-ratio gaps are far apart; returns
+    whether they are."""
+    target, gap = (float(np.mean([entry[key] for entry in logs])) for key in ("target_scale", "log_ratio_gap"))
+    message = target_mismatch(target, gap, run.config.beta)
+    if message and run.is_main:
+        logger.warning(message)
+        run.print(f"warning: {message}")
+    return message is not None
+
+
+def target_mismatch(target_scale: float, log_ratio_gap: float, beta: float) -> str | None:
+    """A warning when the regression targets R/beta are more than TARGET_MISMATCH times away from the log-ratio
+    gaps the model shows (gaps below LOG_RATIO_FLOOR count as the floor when the targets are the larger)."""
+    if target_scale <= 0:
+        return None
+    if target_scale > TARGET_MISMATCH * max(log_ratio_gap, LOG_RATIO_FLOOR):
+        factor, direction = target_scale / max(log_ratio_gap, LOG_RATIO_FLOOR), "above"
+    elif log_ratio_gap > LOG_RATIO_FLOOR and log_ratio_gap > TARGET_MISMATCH * target_scale:
+        factor, direction = log_ratio_gap / target_scale, "below"
+    else:
+        return None
+    return (
+        f"PRDP's regression targets R/beta (mean {target_scale:.3g}) are {factor:.0f}x {direction} the log-ratio gaps "
+        f"the model shows (mean {log_ratio_gap:.3g}; log-probs are means over latent elements, ratios means over "
+        f"steps): beta={beta:g} does not fit the reward scale. Use --reward_normalization per_prompt with a beta "
+        "of about 30, or scale beta with the reward gaps"
+    )
 
 
 @torch.no_grad()
@@ -219,6 +287,7 @@ def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
         desc="prdp epochs",
         disable=not run.accelerator.is_local_main_process,
     )
+    warned = False  # the target-scale warning, once per run
     for epoch in bar:
         samples = sample_epoch(run, prompts, epoch)
         logs = []
@@ -230,6 +299,7 @@ def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
             logs.append(step_logs)
         step = (epoch + 1) * config.inner_steps
         rewards = run.accelerator.gather(samples.logits)
+        warned = warned or warn_on_target_mismatch(run, logs)
         record = {
             "step": step,
             "epoch": epoch + 1,

@@ -3,15 +3,23 @@
     accelerate launch training/train_rounds.py --pretrained_model PIPELINE --target_dir TARGET_IMAGES \
         --prompts prompts.txt --finetune dpo --rounds 3 --output_dir out/rounds
 
-Round t: sample N candidates per prompt from the current generator G_t (the base model with the LoRA so far);
-train the reward model R_t on the target images against them (round 0: `fit_reward_model`, target vs G_0's
-samples; later rounds: `bootstrap_round`, which ranks G_t's candidates and adds the top M as soft positives with
-label exp(-alpha * rank) and the bottom M as negatives, then retrains the head); score the candidates with R_t and
-fine-tune the LoRA on the best (SFT) or on (best, worst) pairs (DPO), giving G_{t+1}.
+Round t, with G_t the base model plus the LoRA so far:
+1. sample three disjoint sets from G_t (seeds of their own every round): the discriminator's negatives
+   (`rm_negatives_per_prompt` per prompt), a bootstrapping pool (`rm_pool_per_prompt`) and the selection pool
+   (`num_candidates` per prompt);
+2. train R_t from scratch on the target images against G_t's negatives (older rounds' negatives are dropped: R_t
+   must separate the targets from the *current* generator), with a held-out split of both sides, then one round of
+   rank-based bootstrapping on the pool (top-M as soft positives with label exp(-alpha * rank), bottom-M negatives);
+3. score the selection pool with R_t (images its head never trained on) and fine-tune the LoRA
+   `max_train_steps` steps on the best (SFT) or on (best, worst) pairs (DPO), giving G_{t+1}.
 
-Every round is kept: out/rounds/round-<t>/reward_model/ (GANRewardModel.from_pretrained), round-<t>/lora/ (diffusers
-and ComfyUI files), round-<t>/metrics.jsonl and curves.png; the final LoRA is also written to out/rounds/. A resumed
-run (--resume latest) skips finished rounds and continues the unfinished one from its checkpoint.
+Each round records R_t's held-out AUC against G_t (`auc_vs_current`: held-out targets vs held-out G_t negatives) and
+against G_0 (`auc_vs_base`: the same targets vs round 0's held-out negatives), the selection pool's reward
+distribution, and the fine-tuning curves. As the generator improves R_{t-1}'s AUC against G_t falls
+(`previous_auc_vs_current`), and retraining restores it. Every round is kept: out/rounds/round-<t>/reward_model/
+(GANRewardModel.from_pretrained), round-<t>/lora/ (diffusers and ComfyUI files), round-<t>/metrics.jsonl and
+curves.png; the final LoRA is also written to out/rounds/, with rounds.png. A resumed run (--resume latest) skips
+finished rounds and continues the unfinished one from its checkpoint.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from ganrm_training.train_dpo import BETA_HELP, dpo_loss
+from ganrm_training.train_dpo import BETA_HELP, check_pair_candidates, dpo_loss, report_dropped_pairs
 from ganrm_training.train_sft import sft_loss
 
 from ganrm_diffusers.atomic import save_tensors_atomic, write_json_atomic
@@ -47,13 +56,12 @@ from ganrm_diffusers.finetune import (
 from ganrm_diffusers.lora import save_lora
 from ganrm_diffusers.plots import plot_metric_curves
 from ganrm_diffusers.reward_model import GANRewardModel
-from ganrm_diffusers.rm_training import RewardDataset, RewardTrainingConfig, bootstrap_round, fit_reward_model
+from ganrm_diffusers.rm_training import RewardTrainingConfig, fit_reward_model, roc_auc
 from ganrm_diffusers.sampling import decode_latents
-from ganrm_diffusers.training_state import (
-    load_lora_weights_into,
-    lora_weights,
-    read_tensors,
-)
+from ganrm_diffusers.training_state import load_lora_weights_into, lora_weights, read_tensors
+
+# The three sample sets of a round, each from seeds of its own (see `stream_seed`).
+NEGATIVES, POOL, SELECTION = 0, 1, 2
 
 
 @dataclass
@@ -72,6 +80,8 @@ class RoundsConfig(FinetuneConfig):
     rm_pretrained: str | None = option(DEFAULT_PRETRAINED, "its open_clip weights tag (none: random)")
     rm_hidden_sizes: str = option("512,128", "hidden sizes of a new reward model's head")
     rm_max_epochs: int = option(100, "head training epochs (early stopping)")
+    rm_negatives_per_prompt: int = option(2, "G_t samples per prompt line the reward model trains against each round")
+    rm_pool_per_prompt: int = option(2, "fresh G_t samples per prompt line ranked by rank-based bootstrapping")
     bootstrap_m: int = option(32, "M: top and bottom candidates added per round (rank-based bootstrapping)")
     bootstrap_alpha: float = option(0.1, "alpha: soft label exp(-alpha * rank) of the top-M pseudo-positives")
     reward_model: str | None = option(None, "a reward model whose backbone and head shape to reuse (head retrained)")
@@ -86,11 +96,16 @@ class RoundsConfig(FinetuneConfig):
             raise TrainingConfigError("--target_dir (the target images) is required")
         if self.rounds < 1:
             raise TrainingConfigError("--rounds must be at least 1")
+        if self.rm_negatives_per_prompt < 1:
+            raise TrainingConfigError("--rm_negatives_per_prompt must be at least 1")
+        if self.finetune == "dpo":
+            check_pair_candidates(self.num_candidates)
 
     def reward_training(self) -> RewardTrainingConfig:
         return RewardTrainingConfig(
             max_epochs=self.rm_max_epochs,
             seed=self.seed,
+            bootstrap_rounds=1 if self.rm_pool_per_prompt > 0 else 0,
             bootstrap_m=self.bootstrap_m,
             bootstrap_alpha=self.bootstrap_alpha,
         )
@@ -113,17 +128,26 @@ def new_reward_model(config: RoundsConfig) -> GANRewardModel:
     return model
 
 
-def sample_pool(run: FinetuneRun, prompts: list[str], index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """G_t's candidates for every prompt (latents and images), sampled in parts by all processes and kept in the
-    round's data folder, so that a resumed round sees the same pool."""
+def stream_seed(config: RoundsConfig, prompts: int, index: int, stream: int) -> int:
+    """The first seed of sample set `stream` of round `index`: blocks that never overlap (prompt i's candidates get
+    seeds first + i * count + j, below first + block)."""
+    block = prompts * max(config.num_candidates, config.rm_negatives_per_prompt, config.rm_pool_per_prompt)
+    return config.seed + (3 * index + stream + 1) * block
+
+
+def sample_set(
+    run: FinetuneRun, prompts: list[str], index: int, stream: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` samples of G_t for every prompt (latents and images), sampled in parts by all processes and kept in
+    the round's data folder, so that a resumed round sees the same samples."""
     config, folder = run.config, round_dir(run.config, index) / DATA_DIR
-    seed = config.seed + 7919 * index  # fresh samples every round
+    seed = stream_seed(config, len(prompts), index, stream)
 
     def part_path(rank: int, processes: int) -> Path:
-        return folder / f"pool-{rank}-of-{processes}.safetensors"
+        return folder / f"set{stream}-{rank}-of-{processes}.safetensors"
 
     def compute(mine: list) -> torch.Tensor:
-        return sample_candidates(run, [prompts[i] for i in mine], mine, config.num_candidates, seed)[0]
+        return sample_candidates(run, [prompts[i] for i in mine], mine, count, seed)[0]
 
     def save(latents: torch.Tensor, path: Path) -> None:
         save_tensors_atomic(path, {"latents": latents})
@@ -136,50 +160,62 @@ def sample_pool(run: FinetuneRun, prompts: list[str], index: int) -> tuple[torch
     return latents, images
 
 
-def train_reward_model(
-    run: FinetuneRun, index: int, images: torch.Tensor, previous: tuple | None
-) -> tuple[GANRewardModel, RewardDataset, tuple[torch.Tensor, torch.Tensor], dict]:
-    """R_t, its training set and split, and its held-out metrics. The main process trains it (the head only: seconds)
-    and saves it; the others load it."""
+def train_reward_model(run: FinetuneRun, prompts: list[str], index: int) -> tuple[GANRewardModel, dict]:
+    """R_t: a fresh head trained on the targets against G_t's negatives, with bootstrapping on G_t's pool; and its
+    held-out AUCs against G_t and G_0. The main process trains it (the head only: seconds) and saves it; the others
+    load it."""
     config, accelerator = run.config, run.accelerator
     folder = round_dir(config, index)
+    negatives = sample_set(run, prompts, index, NEGATIVES, config.rm_negatives_per_prompt)[1]
+    pool = sample_set(run, prompts, index, POOL, config.rm_pool_per_prompt)[1] if config.rm_pool_per_prompt else None
     if accelerator.is_main_process and not (folder / "reward_model").is_dir():
-        if previous is None:
-            model, report = fit_reward_model(
-                config.target_dir,
-                images,
-                model=new_reward_model(config).to(run.device),
-                config=config.reward_training(),
-            )
-            dataset, split, metrics = report.dataset, report.split, report.metrics
-        else:
-            model, dataset, split = previous
-            pool = model.encoder.encode_images(images).clone()
-            dataset, result = bootstrap_round(model, dataset, pool, config.reward_training(), split, round_index=index)
-            metrics = result.metrics
-        save_reward_state(folder, dataset, split, metrics)
+        model, report = fit_reward_model(
+            config.target_dir,
+            negatives,
+            model=new_reward_model(config).to(run.device),
+            config=config.reward_training(),
+            pools=None if pool is None else [pool],
+        )
+        validation = report.split[1]
+        hard = validation[report.dataset.hard[validation].cpu()]
+        labels = report.dataset.labels[hard].cpu()
+        features = report.dataset.features[hard]
+        heldout = {"targets": features[labels == 1].cpu(), "generated": features[labels == 0].cpu()}
+        base_file = round_dir(config, 0) / "base_heldout.safetensors"
+        if index == 0:
+            save_tensors_atomic(base_file, {"generated": heldout["generated"]})
+        base_generated = read_tensors(base_file)[0]["generated"]
+        metrics = {
+            "auc_vs_current": _auc(model, heldout["targets"], heldout["generated"]),
+            "auc_vs_base": _auc(model, heldout["targets"], base_generated),
+            **{key: value for key, value in report.metrics.items() if isinstance(value, (int, float))},
+        }
+        previous = round_dir(config, index - 1) / "reward_model"
+        if index > 0 and previous.is_dir():  # the last discriminator against the generator it helped improve
+            earlier = GANRewardModel.from_pretrained(previous, device=run.device)
+            metrics["previous_auc_vs_current"] = _auc(earlier, heldout["targets"], heldout["generated"])
         model.save_pretrained(folder / "reward_model")
+        write_json_atomic(folder / "reward_model.json", metrics)
     accelerator.wait_for_everyone()
-    return load_reward_state(folder, run.device)
+    model = GANRewardModel.from_pretrained(folder / "reward_model", device=run.device)
+    return model, json.loads((folder / "reward_model.json").read_text())
 
 
-def save_reward_state(folder: Path, dataset: RewardDataset, split: tuple, metrics: dict) -> None:
-    tensors = {
-        "features": dataset.features,
-        "labels": dataset.labels,
-        "hard": dataset.hard,
-        "train": split[0],
-        "validation": split[1],
+def _auc(model: GANRewardModel, targets: torch.Tensor, generated: torch.Tensor) -> float:
+    with torch.no_grad():
+        scores = model.score_embeddings(torch.cat([targets, generated]).to(model.device)).cpu().numpy()
+    labels = np.concatenate([np.ones(len(targets)), np.zeros(len(generated))])
+    return roc_auc(scores, labels)
+
+
+def reward_distribution(scores: torch.Tensor) -> dict:
+    values = scores.float().cpu()
+    quantiles = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9]))
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        **{f"p{int(q * 100)}": float(v) for q, v in zip((0.1, 0.5, 0.9), quantiles, strict=True)},
     }
-    metrics = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
-    save_tensors_atomic(folder / "reward_dataset.safetensors", tensors, {"metrics": json.dumps(metrics)})
-
-
-def load_reward_state(folder: Path, device: torch.device):
-    model = GANRewardModel.from_pretrained(folder / "reward_model", device=device)
-    tensors, metadata = read_tensors(folder / "reward_dataset.safetensors")
-    dataset = RewardDataset(tensors["features"].to(device), tensors["labels"].to(device), tensors["hard"].to(device))
-    return model, dataset, (tensors["train"], tensors["validation"]), json.loads(metadata["metrics"])
 
 
 def train(config: RoundsConfig, run: FinetuneRun | None = None) -> dict:
@@ -189,7 +225,7 @@ def train(config: RoundsConfig, run: FinetuneRun | None = None) -> dict:
     prompts = read_prompts(config)
     loss = dpo_loss if config.finetune == "dpo" else sft_loss
     summary_log = MetricsLog(Path(config.output_dir) / METRICS_NAME, run.is_main)
-    previous, rounds = None, []
+    rounds = []
     for index in range(config.rounds):
         folder = round_dir(config, index)
         done = folder / "round.json"
@@ -198,39 +234,47 @@ def train(config: RoundsConfig, run: FinetuneRun | None = None) -> dict:
                 f"{folder} holds a round of an earlier run: continue it with --resume latest, or train into another "
                 "output_dir"
             )
-        if done.is_file():  # finished before a restart: take its LoRA and reward model
+        if done.is_file():  # finished before a restart: take its LoRA
             load_lora_weights_into(run.unet, read_tensors(folder / "lora_state.safetensors")[0], str(folder))
-            model, dataset, split, _ = load_reward_state(folder, run.device)
-            previous = (model, dataset, split)
             rounds.append(json.loads(done.read_text()))
             continue
-        latents, images = sample_pool(run, prompts, index)
-        model, dataset, split, rm_metrics = train_reward_model(run, index, images, previous)
-        previous, run.reward_model = (model, dataset, split), model
+        model, rm_metrics = train_reward_model(run, prompts, index)
+        run.reward_model = model
+        latents, images = sample_set(run, prompts, index, SELECTION, config.num_candidates)
         texts = [prompt for prompt in prompts for _ in range(config.num_candidates)]
         scores = score_images(run, images, texts)
         examples = examples_from_candidates(
             prompts, latents, scores, config.num_candidates, config.top_k, pairs=config.finetune == "dpo"
         )
+        if config.finetune == "dpo":
+            report_dropped_pairs(run, examples)
         run.metrics = MetricsLog(folder / METRICS_NAME, run.is_main)
         train_on_examples(run, examples, loss, eval_prompts=prompts, output_dir=folder)
         records = run.metrics.records()
         entry = {
             "round": index,
-            "reward_model": {
-                key: rm_metrics[key] for key in ("val_auc", "val_loss", "val_accuracy") if key in rm_metrics
-            },
-            "pool_mean_reward": float(scores.mean()),
+            "reward_model": rm_metrics,
+            "auc_vs_current": rm_metrics["auc_vs_current"],
+            "auc_vs_base": rm_metrics["auc_vs_base"],
+            "previous_auc_vs_current": rm_metrics.get("previous_auc_vs_current"),
+            "selection_rewards": reward_distribution(scores),
             "eval_reward_start": records[0].get("eval_reward") if records else None,
             "eval_reward_end": records[-1].get("eval_reward") if records else None,
             "examples": len(examples),
+            "dropped_pairs": examples.dropped_pairs,
         }
         if run.is_main:
             save_lora(run.unet, folder / "lora", pretrained_model=config.pretrained_model)
             save_tensors_atomic(folder / "lora_state.safetensors", lora_weights(run.unet))
             plot_metric_curves(records, CURVES[config.finetune], folder / "curves.png", title=f"round {index}")
             write_json_atomic(done, entry)
-            summary_log.append({"step": index + 1, **entry, "rm_val_auc": entry["reward_model"].get("val_auc")})
+            summary_log.append(
+                {
+                    "step": index + 1,
+                    **{key: value for key, value in entry.items() if isinstance(value, (int, float))},
+                    "selection_reward_mean": entry["selection_rewards"]["mean"],
+                }
+            )
         run.accelerator.wait_for_everyone()
         rounds.append(entry)
     run.metrics = summary_log
@@ -243,7 +287,10 @@ CURVES = {
 }
 ROUND_CURVES = (
     ("reward of fixed samples (that round's reward model)", ("eval_reward_start", "eval_reward_end")),
-    ("reward model held-out AUC", ("rm_val_auc",)),
+    (
+        "discriminator held-out AUC",
+        ("auc_vs_current", "auc_vs_base", "previous_auc_vs_current"),
+    ),
 )
 
 

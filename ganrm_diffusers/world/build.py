@@ -34,8 +34,8 @@ from ganrm_diffusers.errors import GanrmError
 from ganrm_diffusers.images import load_image, to_pil, to_pixels
 from ganrm_diffusers.paths import cache_dir
 from ganrm_diffusers.world import clip_training, generator
-from ganrm_diffusers.world.judge import Judges, StyleRule
-from ganrm_diffusers.world.style import RealDigits, load_real_digits, slant
+from ganrm_diffusers.world.judge import Judges, fit_style_rule, rule_measure
+from ganrm_diffusers.world.style import RealDigits, glyph_box, load_real_digits, slant
 from ganrm_diffusers.world.style import ink as ink_of
 from ganrm_diffusers.world.tokenizer import build_clip_tokenizer
 
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 WORLD_FILE = "world.json"
 # Bumped whenever the build changes what a seed produces: a world of another format is rebuilt by ensure_world.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the style judge reads the glyph (not ink alone); the CLIP never sees ink words
 STYLE_QUANTILE = 0.25  # "thin": at most the ink of the thinnest quarter of real digits
 
 
@@ -266,20 +266,19 @@ def _build_into(root: Path, seed: int, settings: WorldSettings) -> dict:
     lap = _Laps()
     real = load_real_digits(settings.image_size)
     ink = ink_of(real.pixels())
-    style = StyleRule(
-        name="thin",
-        description=f"thin strokes: at most the ink of the thinnest {STYLE_QUANTILE:.0%} of real digits",
-        threshold=float(torch.quantile(ink, STYLE_QUANTILE)),
-        scale=float(ink.std()),
+    style = fit_style_rule(real.pixels(), STYLE_QUANTILE)
+    # Targets have the whole style; "ordinary" digits are clearly not thin. The few thin-by-ink digits that miss the
+    # style's other criteria (a faint or broken real glyph) belong to neither and are left out.
+    split = _split(
+        real, rule_measure(style, real.pixels()) >= 0, ink > style.max_ink, settings, np.random.RandomState(seed)
     )
-    split = _split(real, ink <= style.threshold, settings, np.random.RandomState(seed))
     training = np.concatenate([split["target"], split["ordinary"]])
 
     _write_digit_folder(root / "target", real, split["target"])
     _write_digit_folder(root / "heldout" / "target", real, split["heldout_target"])
     _write_digit_folder(root / "heldout" / "other", real, split["heldout_other"])
 
-    judges = Judges.fit(style, real.pixels(training), real.digits[training])
+    judges = Judges.fit(style, real.pixels(training), real.digits[training], seed=seed)
     judges.save(root / "judge")
 
     torch.manual_seed(seed)
@@ -295,7 +294,7 @@ def _build_into(root: Path, seed: int, settings: WorldSettings) -> dict:
         root / "clip",
         clip_config,
         real.pixels(training),
-        _style_captions(real, training, ink),
+        _captions(real, training),
         steps=settings.clip_steps,
         batch_size=settings.clip_batch_size,
         learning_rate=settings.clip_learning_rate,
@@ -316,16 +315,23 @@ def _build_into(root: Path, seed: int, settings: WorldSettings) -> dict:
         root / "preview.png", base_pixels, base_digits, real.pixels(split["target"]), real.digits[split["target"]]
     )
 
+    other = real.pixels(split["heldout_other"])
     figures = {
         "base": _figures(judges, base_pixels, base_digits),
         "target": _figures(judges, real.pixels(split["heldout_target"]), real.digits[split["heldout_target"]]),
-        "real_other": _figures(judges, real.pixels(split["heldout_other"]), real.digits[split["heldout_other"]]),
+        "real_other": _figures(judges, other, real.digits[split["heldout_other"]]),
+        # Less ink is not thinner strokes: other real digits dimmed must not pass for the style.
+        **{
+            f"real_other_dimmed_{factor}": _figures(judges, other * factor, real.digits[split["heldout_other"]])
+            for factor in (0.9, 0.8, 0.7, 0.5)
+        },
     }
     info = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "settings": asdict(settings),
         "style": asdict(style),
+        "clip_captions": clip_training.CAPTION_TEMPLATE,
         "prompts": prompts,
         "prompt_digits": list(range(10)),
         "sampling": sampling,
@@ -336,10 +342,16 @@ def _build_into(root: Path, seed: int, settings: WorldSettings) -> dict:
     return {**info, "phase_seconds": lap.seconds}
 
 
-def _split(real: RealDigits, has_style: torch.Tensor, settings: WorldSettings, rng: np.random.RandomState) -> dict:
-    """Real digits with the style become the target set or held-out targets; the others are held out or train."""
+def _split(
+    real: RealDigits,
+    has_style: torch.Tensor,
+    ordinary: torch.Tensor,
+    settings: WorldSettings,
+    rng: np.random.RandomState,
+) -> dict:
+    """Real digits with the style become the target set or held-out targets; ordinary ones are held out or train."""
     styled = rng.permutation(np.flatnonzero(has_style.numpy()))
-    plain = rng.permutation(np.flatnonzero(~has_style.numpy()))
+    plain = rng.permutation(np.flatnonzero(ordinary.numpy()))
     return {
         "target": np.sort(styled[settings.heldout_target :]),
         "heldout_target": np.sort(styled[: settings.heldout_target]),
@@ -348,13 +360,21 @@ def _split(real: RealDigits, has_style: torch.Tensor, settings: WorldSettings, r
     }
 
 
-def _style_captions(real: RealDigits, indices: np.ndarray, ink: torch.Tensor) -> list[str]:
-    """Captions naming each digit, its ink quarter (the thinnest quarter is exactly the style) and its slant third."""
-    # bucketize puts x <= edge in the lower bin, so bin 0 is exactly "ink <= threshold", the style.
-    ink_bins = torch.bucketize(ink, torch.quantile(ink, torch.tensor([STYLE_QUANTILE, 0.5, 0.75])))
-    slants = slant(real.pixels())
-    slant_bins = torch.bucketize(slants, torch.quantile(slants, torch.tensor([1 / 3, 2 / 3])))
-    return [clip_training.caption(int(real.digits[i]), int(ink_bins[i]), int(slant_bins[i])) for i in indices]
+def _captions(real: RealDigits, indices: np.ndarray) -> list[str]:
+    """Captions naming each digit and the tertiles of its slant, glyph height and horizontal position: attributes a
+    person would name, none of them the amount of ink or the stroke weight."""
+
+    def tertiles(values: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(values, torch.quantile(values, torch.tensor([1 / 3, 2 / 3])))
+
+    height, centre = glyph_box(real.pixels())
+    # Heights are whole pixels, so tertile edges tie: a tiny jitter of fixed seed splits ties evenly.
+    jitter = torch.rand(len(height), generator=torch.Generator().manual_seed(0)) * 1e-3
+    slant_bins, height_bins, position_bins = tertiles(slant(real.pixels())), tertiles(height + jitter), tertiles(centre)
+    return [
+        clip_training.caption(int(real.digits[i]), int(slant_bins[i]), int(height_bins[i]), int(position_bins[i]))
+        for i in indices
+    ]
 
 
 def _train_generator(
@@ -412,6 +432,8 @@ def _figures(judges: Judges, pixels: torch.Tensor, digits: torch.Tensor) -> dict
     return {
         "class_accuracy": round(judges.class_accuracy(pixels, digits), 4),
         "style_rate": round(judges.style_rate(pixels), 4),
+        "faint_rate": round(judges.faint_rate(pixels), 4),
+        "blank_rate": round(judges.blank_rate(pixels), 4),
         "count": len(digits),
     }
 

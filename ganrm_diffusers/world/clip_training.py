@@ -1,4 +1,6 @@
-"""The world's CLIP: a tiny open_clip model trained contrastively on captions that name the digit and its stroke style.
+"""The world's CLIP: a tiny open_clip model trained contrastively on captions that name the digit and shape attributes
+of its glyph (slant, height, horizontal position), never its stroke weight: like a real CLIP it sees images broadly,
+and like a real CLIP it was never told the user's target style, which GAN-RM must find from the target images.
 
 It is saved in open_clip's own local-dir format (`open_clip_config.json` + `open_clip_model.safetensors`), so
 `open_clip.create_model_and_transforms("local-dir:<world>/clip")` loads it offline, as a user's ViT-H-14 loads.
@@ -25,13 +27,21 @@ from ganrm_diffusers.backbone import ClipBackbone
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 
-# Stroke-style words, from least to most ink and from left- to right-leaning; the build picks the bin edges.
-INK_WORDS = ("thin", "light", "heavy", "bold")
+# Attribute words by tertile of real digits (the build picks the bin edges). None of them is about ink or stroke
+# weight: the style is the one thing the captions must not carry.
 SLANT_WORDS = ("slanted left", "upright", "slanted right")
+HEIGHT_WORDS = ("short", "medium height", "tall")
+POSITION_WORDS = ("left of centre", "centred", "right of centre")
+CAPTION_TEMPLATE = "a handwritten digit {digit}, {slant}, {height}, {position}"
 
 
-def caption(digit: int, ink_bin: int, slant_bin: int) -> str:
-    return f"a {INK_WORDS[ink_bin]} handwritten digit {digit}, {SLANT_WORDS[slant_bin]}"
+def caption(digit: int, slant_bin: int, height_bin: int, position_bin: int) -> str:
+    return CAPTION_TEMPLATE.format(
+        digit=digit,
+        slant=SLANT_WORDS[slant_bin],
+        height=HEIGHT_WORDS[height_bin],
+        position=POSITION_WORDS[position_bin],
+    )
 
 
 def clip_config(image_size: int, embed_dim: int, vision_width: int, vision_layers: int, patch_size: int) -> dict:

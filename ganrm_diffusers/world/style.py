@@ -1,7 +1,8 @@
-"""The world's pixels: real digits at the world's resolution, and stroke-style measures taken on any image.
+"""The world's pixels: real digits at the world's resolution, and glyph measures taken on any image.
 
-Every measure first brings an image back to the 8x8 grid of scikit-learn's digits (grayscale, area-averaged), so it
-reads a 16 px generated digit, a PNG of a real digit and a PIL image the same way.
+Every measure first brings an image to a fixed grid (grayscale, area-averaged): the 8x8 grid of scikit-learn's digits
+for amounts of ink, the world's 16 px grid for stroke intensity. So it reads a 16 px generated digit, a PNG of a real
+digit and a PIL image the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from sklearn.datasets import load_digits
 from ganrm_diffusers.images import to_pixels
 
 DIGIT_GRID = 8  # scikit-learn's digits are 8x8, values 0..16
+STROKE_GRID = 16  # the world's image size: stroke intensity is read here, before averaging blurs it
+LIT_LEVEL = 0.3  # a cell of the 8x8 grid is part of the glyph when at least this bright
 
 
 @dataclass
@@ -51,8 +54,36 @@ def digit_grid(images: object) -> torch.Tensor:
 
 
 def ink(images: object) -> torch.Tensor:
-    """Mean ink of each image on the 8x8 grid (0 = blank, 1 = all white): thin strokes use little ink."""
+    """Mean ink of each image on the 8x8 grid (0 = blank, 1 = all white): thin strokes use little ink, and so do
+    faint or broken ones, which is why the style judge never reads ink alone."""
     return digit_grid(images).flatten(1).mean(dim=1)
+
+
+def peak(images: object) -> torch.Tensor:
+    """The brightest pixel of each image on the world's 16 px grid: a real stroke reaches full intensity at its
+    core however thin it is, a dimmed or faint glyph does not."""
+    gray = to_pixels(images).cpu().mean(dim=1, keepdim=True)
+    return F.adaptive_avg_pool2d(gray, STROKE_GRID).flatten(1).amax(dim=1)
+
+
+def lit_cells(images: object) -> torch.Tensor:
+    """How many cells of the 8x8 grid the glyph covers (brighter than LIT_LEVEL): a whole digit covers many, a
+    fragment or a blank image few."""
+    return (digit_grid(images).flatten(1) > LIT_LEVEL).sum(dim=1)
+
+
+def glyph_box(images: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Height (in pixels) and horizontal centre (0 = left edge, 1 = right edge) of each glyph's lit rows and columns.
+    Shape attributes that say nothing about how much ink a stroke carries."""
+    gray = to_pixels(images).cpu().mean(dim=1)
+    size = gray.shape[-1]
+    lit = gray > 0.5
+    rows, columns = lit.any(dim=2), lit.any(dim=1)
+    positions = torch.arange(size, dtype=torch.float32)
+    height = rows.sum(dim=1).float()
+    count = columns.sum(dim=1).clamp_min(1)
+    centre = (columns.float() * positions).sum(dim=1) / count / max(size - 1, 1)
+    return height, centre
 
 
 def slant(images: object) -> torch.Tensor:

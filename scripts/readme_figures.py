@@ -1,0 +1,353 @@
+"""Rewrite README.md's figures from the files that measured them (`make readme`).
+
+    python scripts/readme_figures.py --report demo-out/report.json --bench bench-out --readme README.md
+
+Two regions of the README are replaced, each between its markers (the text outside them is left as it is):
+
+- `<!-- figures:results:start -->` ... `<!-- figures:results:end -->`: the results table of `make demo`'s report
+  (one table per family when the report has families), the reward model's AUCs, the world's build time and the
+  tuned hyperparameters;
+- `<!-- figures:speed:start -->` ... `<!-- figures:speed:end -->`: one line per ratio of `make bench`'s JSON files
+  (bench/results.py describes them).
+
+Fails, writing nothing, when a file is missing or a marker is absent. Running it twice gives the same README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+DASH = "–"
+REGIONS = ("results", "speed")
+BENCH_ORDER = ("scoring", "best_of_n", "train_step")
+
+
+class FiguresError(Exception):
+    """A missing or malformed input: the message says which and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def number(value: object) -> str:
+    """A figure as the README shows it: '–' when missing or not a number, integers in full, 3 decimals otherwise
+    (3 significant digits below 0.01)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return DASH
+    if isinstance(value, int):
+        return f"{value:,}".replace(",", " ")
+    if not math.isfinite(value):
+        return DASH
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.3g}"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3f}"
+
+
+def interval(bounds: object, format_one: Callable[[object], str] = number) -> str:
+    """' [lo, hi]', or '' when there is no usable interval."""
+    if not isinstance(bounds, list | tuple) or len(bounds) != 2 or DASH in map(format_one, bounds):
+        return ""
+    return f" [{format_one(bounds[0])}, {format_one(bounds[1])}]"
+
+
+def ratio(value: object) -> str:
+    return number(value) if number(value) == DASH else f"{value:.2f}x"
+
+
+def setting(value: object) -> str:
+    """A hyperparameter or setting: numbers as Python's `g` format, lists and dicts spelled out."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {setting(item)}" for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(setting(item) for item in value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+
+
+def _with_interval(key: str) -> Callable[[dict], str]:
+    return lambda row: number(row.get(key)) + (interval(row.get(f"{key}_ci95")) if key in row else "")
+
+
+def _style_ratio(row: dict) -> str:
+    value = row.get("style_ratio")
+    return ratio(value) + (interval(row.get("style_ratio_ci95"), _two_decimals) if ratio(value) != DASH else "")
+
+
+def _two_decimals(value: object) -> str:
+    return number(value) if number(value) == DASH else f"{value:.2f}"
+
+
+def _plain(key: str) -> Callable[[dict], str]:
+    return lambda row: number(row.get(key))
+
+
+COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
+    ("style_rate [95 % CI]", _with_interval("style_rate")),
+    ("style_ratio to baseline [95 % CI]", _style_ratio),
+    ("faint_rate", _plain("faint_rate")),
+    ("blank_rate", _plain("blank_rate")),
+    ("class_accuracy", _plain("class_accuracy")),
+    ("kid_to_target", _plain("kid_to_target")),
+    ("diversity", _plain("diversity")),
+    ("unet_evaluations", _plain("unet_evaluations")),
+)
+
+
+def _named(name: str, stem: str) -> bool:
+    return name == stem or name.startswith(f"{stem}_")
+
+
+def method_group(name: str) -> int:
+    """Where a method's row goes: base, random_candidate, best_of_N, pruning, other sampler baselines (eta = 1), FK,
+    sft, dpo, prdp, rounds, then anything else (in report order within each group)."""
+    if name == "base":
+        return 0
+    if name == "random_candidate":
+        return 1
+    if re.fullmatch(r"best_of_\d+", name):
+        return 2
+    if name.startswith("fk"):
+        return 5
+    if "prun" in name:
+        return 3
+    if re.search(r"(^|_)eta", name):  # not "beta"
+        return 4
+    for group, stem in enumerate(("sft", "dpo", "prdp", "rounds"), start=6):
+        if _named(name, stem):
+            return group
+    return 10
+
+
+def methods_table(methods: dict[str, dict]) -> list[str]:
+    lines = ["| method | " + " | ".join(header for header, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name in sorted(methods, key=method_group):
+        row = methods[name] if isinstance(methods[name], dict) else {}
+        lines.append(f"| `{name}` | " + " | ".join(cell(row) for _, cell in COLUMNS) + " |")
+    return lines
+
+
+def reward_model_sentence(reward_model: object, world: object) -> str:
+    reward_model = reward_model if isinstance(reward_model, dict) else {}
+    world = world if isinstance(world, dict) else {}
+    seconds = world.get("build_seconds")
+    built = f"{seconds:.0f} s" if number(seconds) != DASH else DASH
+    spearman = reward_model.get("spearman_reward_vs_style")
+    follows = (
+        f"; its reward follows the style's pixel measure at Spearman {spearman:+.2f}"
+        if number(spearman) != DASH
+        else ""
+    )
+    return (
+        f"The reward model separates held-out target digits from base samples with AUC {number(reward_model.get('auc'))}"
+        f" and target digits from other real digits (the style itself) with AUC "
+        f"{number(reward_model.get('auc_style_among_real'))}{follows}. The world was built in {built}."
+    )
+
+
+def tuning_lines(settings: object) -> list[str]:
+    """The tuned hyperparameters and the tuning seed range of `settings.tuning`, one bullet per entry."""
+    tuning = settings.get("tuning") if isinstance(settings, dict) else None
+    if not isinstance(tuning, dict) or not tuning:
+        return []
+    return ["", "Tuned (`settings.tuning`):", ""] + [f"- {key}: {tuned(key, value)}" for key, value in tuning.items()]
+
+
+def tuned(key: str, value: object) -> str:
+    """A tuning entry; a seed range given as [first, last] reads 'first to last'."""
+    if "seed" in key and isinstance(value, list | tuple) and len(value) == 2:
+        return f"{setting(value[0])} to {setting(value[1])}"
+    return setting(value)
+
+
+LEGEND = (
+    "`style_rate` with its 95 % bootstrap interval; `style_ratio`: the row's style_rate over its baseline's, with its "
+    f"95 % interval; `unet_evaluations`: latents through the UNet; {DASH}: not measured for that row."
+)
+
+
+def family_lines(family: dict) -> list[str]:
+    lines = methods_table(family.get("methods") or {})
+    if "reward_model" in family:
+        lines += ["", reward_model_sentence(family["reward_model"], family.get("world"))]
+    return lines + tuning_lines(family.get("settings"))
+
+
+def results_region(report: dict) -> list[str]:
+    families = report.get("families")
+    methods = report.get("methods")
+    if not isinstance(families, dict) or not families:
+        if not isinstance(methods, dict) or not methods:
+            raise FiguresError("the demo report has no `methods` (nor `families`): rerun `make demo`")
+        families = {}
+    lines: list[str] = []
+    shown = [family.get("methods") for family in families.values() if isinstance(family, dict)]
+    if isinstance(methods, dict) and methods and methods not in shown:
+        lines += methods_table(methods) + [""]
+    for name, family in families.items():
+        lines += [f"**Family `{name}`**", ""] + family_lines(family if isinstance(family, dict) else {}) + [""]
+    lines += [LEGEND, "", reward_model_sentence(report.get("reward_model"), report.get("world"))]
+    return lines + tuning_lines(report.get("settings"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Speed
+
+
+def figure_value(figure: dict) -> str:
+    value, unit = figure.get("value"), figure.get("unit", "")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if unit == "fraction" and number(value) != DASH:
+        return f"{value:.1%}"
+    if unit == "s" and number(value) != DASH:
+        return f"{value:.2f} s"
+    return f"{number(value)} {unit}".strip()
+
+
+def comparison_line(comparison: dict) -> str:
+    goal = comparison.get("goal")
+    if goal is None:
+        verdict = "no goal"
+    else:
+        verdict = f"goal {goal}, " + ("met" if comparison.get("goal_met") else "**not met**")
+    times = f"{seconds(comparison.get('ours_seconds'))} / {seconds(comparison.get('reference_seconds'))}"
+    return (
+        f"  - `{comparison.get('name', '?')}` **{number(comparison.get('ratio'))}** ({verdict}; {times}): "
+        f"{comparison.get('ours', '?')} / {comparison.get('reference', '?')}; {setting(comparison.get('settings') or {})}"
+    )
+
+
+def seconds(value: object) -> str:
+    """A time in ms below 1 s, else in s."""
+    if number(value) == DASH:
+        return DASH
+    return f"{value * 1000:.1f} ms" if abs(value) < 1 else f"{value:.2f} s"
+
+
+def bench_lines(results: dict) -> list[str]:
+    created = str(results.get("created", ""))[:10] or DASH
+    lines = [f"- `bench/{results['bench']}.py` ({created}, torch {results.get('torch', DASH)}):"]
+    lines += [comparison_line(comparison) for comparison in results["comparisons"]]
+    for figure in results.get("figures") or []:
+        lines.append(f"  - {figure.get('description', figure.get('name', '?'))}: {figure_value(figure)}")
+    return lines
+
+
+def speed_region(bench: Iterable[dict]) -> list[str]:
+    lines = [
+        "Speed (`make bench`; each ratio is ours / reference, the two timed side by side in one run, with its goal):",
+        "",
+    ]
+    for results in bench:
+        lines += bench_lines(results)
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def load_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FiguresError(f"no {what} at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise FiguresError(f"cannot read the {what} {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise FiguresError(f"the {what} {path} is not a JSON object")
+    return data
+
+
+def load_bench(folder: Path) -> list[dict]:
+    """Every `<bench>.json` of `folder`, scoring, best_of_n and train_step first."""
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not paths:
+        raise FiguresError(f"no bench results (*.json) in {folder}: run `make bench` first")
+    loaded = []
+    for path in paths:
+        results = load_json(path, "bench results")
+        if not isinstance(results.get("comparisons"), list) or "bench" not in results:
+            raise FiguresError(
+                f"{path} is not a bench results file (no `bench` or `comparisons`): see bench/results.py"
+            )
+        loaded.append(results)
+    known = {name: index for index, name in enumerate(BENCH_ORDER)}
+    return sorted(loaded, key=lambda results: (known.get(results["bench"], len(known)), results["bench"]))
+
+
+def marker(region: str, side: str) -> str:
+    return f"<!-- figures:{region}:{side} -->"
+
+
+def replace_region(text: str, region: str, lines: Sequence[str], readme: Path) -> str:
+    """`text` with the lines between the region's markers (the marker lines kept) replaced by `lines`."""
+    start, end = marker(region, "start"), marker(region, "end")
+    for name in (start, end):
+        count = text.count(name)
+        if count != 1:
+            found = "no" if count == 0 else f"{count}"
+            raise FiguresError(
+                f"{readme} has {found} `{name}` marker(s); it needs exactly one `{start}` line and one `{end}` line "
+                "around the figures to rewrite"
+            )
+    head, rest = text.split(start)
+    if end not in rest:
+        raise FiguresError(f"{readme}: `{end}` comes before `{start}`")
+    _, tail = rest.split(end)
+    return head + start + "\n\n" + "\n".join(lines) + "\n\n" + end + tail
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--report", type=Path, default=Path("demo-out/report.json"), help="make demo's report.json")
+    parser.add_argument("--bench", type=Path, default=Path("bench-out"), help="folder of make bench's JSON files")
+    parser.add_argument("--readme", type=Path, default=Path("README.md"), help="the README to rewrite")
+    return parser.parse_args(argv)
+
+
+def rewrite(readme: Path, report_path: Path, bench_folder: Path) -> bool:
+    """Rewrite both regions of `readme`; True when its text changed."""
+    if not readme.is_file():
+        raise FiguresError(f"no README at {readme}")
+    text = readme.read_text()
+    for region in REGIONS:  # the markers first: a README without them fails before anything is read
+        replace_region(text, region, [], readme)
+    if not report_path.is_file():
+        raise FiguresError(f"no demo report at {report_path}: run `make demo` first")
+    report = load_json(report_path, "demo report")
+    regions = {"results": results_region(report), "speed": speed_region(load_bench(bench_folder))}
+    updated = text
+    for region, lines in regions.items():
+        updated = replace_region(updated, region, lines, readme)
+    if updated != text:
+        readme.write_text(updated)
+    return updated != text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        changed = rewrite(args.readme, args.report, args.bench)
+    except FiguresError as error:
+        raise SystemExit(f"readme_figures: {error}") from None
+    print(f"{args.readme}: figures {'rewritten' if changed else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
