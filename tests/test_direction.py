@@ -6,9 +6,10 @@ A trainer that optimises the wrong way still writes LoRAs that load, with the ri
 other test passes. This one measures the direction, and checks that it can see a wrong one: the sabotaged run must
 fail the very check the correct run passes.
 
-The reward is a GAN-RM trained here on the world's target digits against the base model's own samples. The
-reduced world's generator is barely trained, but the reward model tells its samples from real digits, and the
-samples it scores higher are what both trainers learn to draw more of.
+The reward is a GAN-RM trained here with the reduced world's own base samples as positives and the same samples
+dimmed to half as negatives: a reward for full-intensity drawing that the reduced world's barely trained generator
+can move in a few steps (the world's style reward moves it too little to tell a direction from noise). What is
+tested is the direction of the optimisation, not the quality of the reward.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from ganrm_diffusers.sampling import DDIMLogProbSampler
 EVAL_SAMPLES_PER_PROMPT = 4
 EVAL_FIRST_SEED = 700_000  # never a training seed: training samples use their own seed rules
 NEGATIVE_SEED = 900_000
-# Margins: a fraction of the gains measured with these settings and seeds (see MEASURED), so that a small change in
-# the world or in float rounding does not flip the verdict, while a trainer that does not learn (gain ~0) fails.
-MARGIN = {"dpo": 0.0, "prdp": 0.0}
+# Margins: about a third of the gains measured with these settings and seeds (2026-12-01, reduced world of seed 0:
+# DPO +0.063 correct / -0.056 swapped; PRDP +0.013 correct / -0.020 negated), so that a small change in the world or
+# in float rounding does not flip the verdict, while a trainer that does not learn (gain ~0) fails.
+MARGIN = {"dpo": 0.02, "prdp": 0.004}
 
 
 @dataclass
@@ -60,11 +62,11 @@ def make_setup(reduced_world, root: Path) -> DirectionSetup:
     per_prompt = 8
     seeds = [NEGATIVE_SEED + index for index in range(len(prompts) * per_prompt)]
     with torch.no_grad():
-        negatives = sampler.sample(prompts, seeds).images
+        samples = sampler.sample(prompts, seeds).images
     torch.manual_seed(0)
     reward_model, _ = fit_reward_model(
-        reduced_world.target_dir,
-        negatives,
+        samples,
+        samples * 0.5,
         backbone=reduced_world.backbone,
         pretrained=None,
         hidden_sizes=(64,),
@@ -116,8 +118,15 @@ def _config(setup: DirectionSetup, method: str, out: Path, **overrides):
         "seed": 0,
     }
     if method == "dpo":
-        settings = {"num_candidates": 8, "train_batch_size": 10, "max_train_steps": 10, "learning_rate": 1e-2}
-        return train_dpo.DPOConfig(**shared, **{**settings, **overrides})
+        # lr 1e-2 overshoots here (the DPO loss climbs from 0.69 to 2.5 and the gain turns negative either way).
+        settings = {
+            "num_candidates": 8,
+            "train_batch_size": 10,
+            "max_train_steps": 20,
+            "learning_rate": 3e-3,
+            "beta": 2000.0,
+        }
+        return train_dpo.DPOConfig(**{**shared, **settings, **overrides})
     settings = {
         "epochs": 3,
         "inner_steps": 2,
@@ -127,7 +136,7 @@ def _config(setup: DirectionSetup, method: str, out: Path, **overrides):
         "learning_rate": 1e-2,
         "clip_eps": 1e-2,
     }
-    return train_prdp.PRDPConfig(**shared, **{**settings, **overrides})
+    return train_prdp.PRDPConfig(**{**shared, **settings, **overrides})
 
 
 @torch.no_grad()
