@@ -167,9 +167,20 @@ def tuning_lines(settings: object) -> list[str]:
 
 
 def tuned(key: str, value: object) -> str:
-    """A tuning entry; a seed range given as [first, last] reads 'first to last'."""
+    """A tuning entry; a seed range given as [first, last] reads 'first to last'. A study (a dict with `chosen`)
+    reads as what was chosen and by which rule; its swept rows stay in the report."""
     if "seed" in key and isinstance(value, list | tuple) and len(value) == 2:
         return f"{setting(value[0])} to {setting(value[1])}"
+    if isinstance(value, dict) and "chosen" in value:
+        chosen = value["chosen"]
+        if isinstance(chosen, dict):  # one choice per method: its label
+            chosen = ", ".join(f"{method} {entry.get('label', entry)}" for method, entry in chosen.items())
+        rule = f" ({value['rule']})" if value.get("rule") else ""
+        return f"chose {setting(chosen)}{rule}; every candidate's figures are in report.json"
+    if isinstance(value, dict) and any(isinstance(item, dict) for item in value.values()):
+        # a study that chose nothing (yet): its candidates' figures stay in the report
+        rule = f"rule: {value['rule']}; " if value.get("rule") else ""
+        return f"{rule}no choice recorded; the candidates' figures are in report.json (settings.tuning.{key})"
     return setting(value)
 
 
