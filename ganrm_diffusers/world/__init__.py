@@ -7,15 +7,16 @@ scikit-learn's bundled digits (1797 images of 8x8, no download), deterministical
   CLIPTextModel, the real CLIP tokenizer, DDIM) trained on prompts "a handwritten digit 7". It loads with
   `StableDiffusionPipeline.from_pretrained(world.pipeline_dir)` and draws 16 px RGB digits; sample it with
   `pipe(prompt, **world.sampling_kwargs)` (the recommended guidance scale and number of steps).
-- `clip/`: a tiny open_clip model trained on captions that name the digit and its stroke style, in open_clip's
-  local-dir format: `open_clip.create_model_and_transforms(world.backbone)` with `world.backbone ==
+- `clip/`: a tiny open_clip model trained on captions that name the digit, its slant, glyph height and horizontal
+  position, never its ink or stroke weight (it was never told the style), in open_clip's local-dir format: `open_clip.create_model_and_transforms(world.backbone)` with `world.backbone ==
   "local-dir:<world>/clip"`. It is the world's GAN-RM backbone: `GANRewardModel(backbone=world.backbone)`.
-- The target style, "thin": strokes at most as inked as the thinnest quarter of real digits. The base model
-  draws it rarely. `target/` holds a few hundred real thin digits (the preference proxy data) as PNG;
+- The target style, "thin": a whole glyph drawn at full intensity with at most the ink of the thinnest quarter of
+  real digits (faint or broken digits do not count). The base model draws it rarely. `target/` holds a few hundred real thin digits (the preference proxy data) as PNG;
   `heldout/target/` and `heldout/other/` hold real digits with and without the style that no model saw.
 - `judge/`: judges that share nothing with the reward model: `world.judges.style_rate(images)`,
-  `world.judges.style_measure(images)` (continuous, >= 0 exactly when an image has the style) and
-  `world.judges.class_accuracy(images, digits)`. Images: float NCHW / NHWC in [0, 1], uint8, or PIL.
+  `faint_rate`, `blank_rate`, `style_measure(images)` (continuous, >= 0 exactly when an image has the style),
+  `class_accuracy(images, digits)` and `features(images)` (a digit classifier's hidden layer, for KID; see
+  `ganrm_diffusers.world.metrics`). Images: float NCHW / NHWC in [0, 1], uint8, or PIL.
 - `world.json`: seed, settings, build_seconds and figures (class_accuracy and style_rate of base samples, of
   held-out target digits and of held-out other digits).
 
