@@ -219,7 +219,7 @@ def _probe(
     progress: bool = True,
 ) -> _Probe:
     """One best-of-N run that also scores every candidate's x0 prediction at `fractions` of the steps (a
-    `PruneSchedule` that keeps everything), with the seeds `selection_rows` uses."""
+    `PruneSchedule` that keeps everything), with the seeds `selection_runs` uses (candidate j of prompt i: seed + i * N + j)."""
     from ganrm_diffusers.world.generator import prompt_for
 
     digits = np.repeat(np.arange(10), prompts_per_digit)
@@ -287,7 +287,7 @@ def pruning_sweep(
     prompts_per_call: int = 50,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Many pruning settings from one probe run (for choosing a default): the rows that `selection_rows` would
+    """Many pruning settings from one probe run (for choosing a default): the rows that `selection_runs` would
     measure for each schedule (top_k = 1), simulated from every candidate's x0 and final rewards, with the UNet
     cost computed from the schedule. Also `best_of_{N}` and `random_candidate` from the same run."""
     pipe = _reward_guided(pipeline, reward_model)
