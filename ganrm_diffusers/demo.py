@@ -32,7 +32,9 @@ from ganrm_diffusers.rm_training import RewardTrainingConfig, fit_reward_model, 
 from ganrm_diffusers.world.metrics import Reference, evaluate, paired_ratio, per_image
 from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digits
 
-METHOD_GROUPS = ("selection", "sft", "dpo", "prdp", "rounds")
+# "selection": best-of-N, pruned, the same-cost random pick (deterministic DDIM); "fk": the same with eta = 1 and
+# FK resampling (a stochastic sampler is another distribution, so it brings its own random pick).
+METHOD_GROUPS = ("selection", "fk", "sft", "dpo", "prdp", "rounds")
 # Seed ranges that never overlap: reward-model negatives, its bootstrapping pool, the evaluation set every row
 # shares, and the tuning set where settings are chosen. The trainers draw their own samples below 10^7.
 NEGATIVES_FIRST_SEED = 10_000_000
@@ -47,6 +49,14 @@ FINETUNE_CANDIDATES = {
     "prdp": {"beta_10": {"beta": 10.0}, "beta_30": {"beta": 30.0}},
 }
 ROUNDS_FOLLOW = "dpo"  # the rounds row fine-tunes with DPO at the DPO row's chosen beta
+# The second reward model of the report (`reward_model_brightness_augmented`): brightness views of every training
+# image (rm_training.add_brightness_views). Chosen on the tuning seeds (200 prompts x 8 candidates from
+# TUNING_FIRST_SEED) as the weakest augmentation whose reward no longer prefers dimmed real digits (share of held-out
+# real non-target digits scoring higher at 80 % brightness than as they are: 1.00 without, 0.92 at jitter 0.3 x 4,
+# 0.69-0.53 at 0.4 x 4, 0.50 at 0.4 x 8); its best-of-8 there: style 0.16, faint 0.020 (plain RM: 0.325, 0.045;
+# random pick: 0.09, 0.015).
+BRIGHTNESS_AUGMENTATION = {"augment_copies": 8, "brightness_jitter": 0.4}
+DIMMED_GAINS = (0.9, 0.8)
 TUNING_RULE = (
     "the highest style rate on the tuning seeds among candidates whose faint and blank rates stay within 2 points of"
     " base and whose class accuracy stays within 3 points (base sampled on the same tuning seeds)"
@@ -188,21 +198,30 @@ def reward_model_figures(world: object, reward_model: GANRewardModel, base: Samp
         return roc_auc(np.concatenate([positives, negatives]), labels)
 
     correlation = spearmanr(base_scores, world.judges.style_measure(base.images).numpy()).statistic
+    # A reward that rises when an image is merely dimmed would let methods gain by drawing faint digits.
+    dimmed = {
+        str(gain): float((reward_model.score(others * gain).cpu().numpy() > other_scores).mean())
+        for gain in DIMMED_GAINS
+    }
     return {
         "auc": auc(target_scores, base_scores),
         "auc_style_among_real": auc(target_scores, other_scores),
         "spearman_reward_vs_style": float(correlation),
+        "dimmed_scores_higher": dimmed,
         "heldout_sizes": {"target": len(targets), "base": len(base.images), "real_other": len(others)},
     }
 
 
-def train_demo_reward_model(world: object, negatives: SampleSet, pool: SampleSet, settings: DemoSettings):
+def train_demo_reward_model(
+    world: object, negatives: SampleSet, pool: SampleSet, settings: DemoSettings, augmentation: dict | None = None
+):
     config = RewardTrainingConfig(
         seed=settings.seed,
         bootstrap_rounds=1,
         bootstrap_m=settings.bootstrap_m,
         bootstrap_alpha=settings.bootstrap_alpha,
         min_images_per_class=8,
+        **(augmentation or {}),
     )
     return fit_reward_model(
         world.target_dir,
@@ -246,6 +265,8 @@ def run_demo(settings: DemoSettings) -> dict:
     train_seconds = time.perf_counter() - started
     save_training_outputs(reward_model, fit, out / "reward_model")
     heldout_grid(world, reward_model, base, out / "heldout_by_reward.png")
+    augmented_model, augmented_fit = train_demo_reward_model(world, negatives, pool, settings, BRIGHTNESS_AUGMENTATION)
+    save_training_outputs(augmented_model, augmented_fit, out / "reward_model_brightness_augmented")
 
     targets, _ = world.heldout_target_images()
     rows = Rows(world, reward_model, Reference.of(world.judges, targets), out, settings.grid_per_digit)
@@ -267,6 +288,12 @@ def run_demo(settings: DemoSettings) -> dict:
             "rounds": fit.rounds,
             "path": str(out / "reward_model"),
         },
+        "reward_model_brightness_augmented": {
+            **reward_model_figures(world, augmented_model, base),
+            "augmentation": BRIGHTNESS_AUGMENTATION,
+            "validation": {key: value for key, value in augmented_fit.metrics.items() if key.startswith("val_")},
+            "path": str(out / "reward_model_brightness_augmented"),
+        },
         "evaluation": settings.evaluation.describe(),
         "methods": rows.rows,
         "settings": {
@@ -276,8 +303,8 @@ def run_demo(settings: DemoSettings) -> dict:
     }
     _write_report(report, out)  # the first results are worth keeping even if a later step fails
 
-    if "selection" in settings.methods:
-        _selection_rows(world, reward_model, rows, report, settings)
+    if "selection" in settings.methods or "fk" in settings.methods:
+        _selection_rows(world, reward_model, rows, report, settings, augmented_model)
         _write_report(report, out)
     finetune_methods = [method for method in ("sft", "dpo", "prdp", "rounds") if method in settings.methods]
     if finetune_methods:
@@ -287,8 +314,16 @@ def run_demo(settings: DemoSettings) -> dict:
     return report
 
 
-def _selection_rows(world: object, reward_model: GANRewardModel, rows: Rows, report: dict, settings: DemoSettings):
-    """Choose the pruning schedule on the tuning seeds, then run every selection method on the evaluation seeds."""
+def _selection_rows(
+    world: object,
+    reward_model: GANRewardModel,
+    rows: Rows,
+    report: dict,
+    settings: DemoSettings,
+    augmented_model: GANRewardModel | None = None,
+):
+    """Choose the pruning schedule on the tuning seeds, then run every selection method on the evaluation seeds;
+    best-of-N's candidates are also ranked by `augmented_model` (no new samples: the same cost)."""
     from ganrm_diffusers.selection_study import (
         PRUNE_CANDIDATES,
         choose_schedule,
@@ -323,7 +358,7 @@ def _selection_rows(world: object, reward_model: GANRewardModel, rows: Rows, rep
         plan.candidate_seeds,
         schedule=PRUNE_CANDIDATES[chosen],
         num_candidates=n,
-        stochastic=not settings.quick,
+        stochastic="fk" in settings.methods,
         **sampling,
     )
     # Two groups: deterministic DDIM, and DDIM with eta = 1 (FK needs stochastic steps); each has its own full
@@ -347,6 +382,21 @@ def _selection_rows(world: object, reward_model: GANRewardModel, rows: Rows, rep
                 baseline=baseline,
                 extra=run.extra,
             )
+        if augmented_model is not None and not suffix:
+            name = f"{full_name}_brightness_augmented_rm"
+            full = runs[full_name]
+            picks = augmented_model.score(full.candidate_images).view(-1, n).argmax(1)
+            images = full.candidate_images[torch.arange(len(picks)) * n + picks]
+            rows.add(
+                name,
+                images,
+                plan.digits,
+                unet_evaluations=full.unet_rows,
+                seconds=full.seconds,
+                baseline=baseline,
+                extra={"reward_model": "reward_model_brightness_augmented"},
+            )
+            group.append(name)
         for name in group:
             rows.rows[name].update(_kept(rows.rows[name], rows.rows[full_name], rows.rows[baseline]))
 
@@ -618,12 +668,28 @@ def _rounds_section(rounds: list[dict] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reward_models_table(report: dict) -> str:
+    models = [name for name in ("reward_model", "reward_model_brightness_augmented") if name in report]
+    figures = [
+        ("AUC, held-out target digits vs base samples", lambda rm: rm["auc"]),
+        ("AUC, held-out target digits vs other real digits (the style itself)", lambda rm: rm["auc_style_among_real"]),
+        ("Spearman, reward vs the style's pixel measure (base samples)", lambda rm: rm["spearman_reward_vs_style"]),
+        ("share of other real digits scoring higher dimmed to 90 %", lambda rm: rm["dimmed_scores_higher"]["0.9"]),
+        ("share of other real digits scoring higher dimmed to 80 %", lambda rm: rm["dimmed_scores_higher"]["0.8"]),
+    ]
+    lines = ["| figure | " + " | ".join(f"`{name}`" for name in models) + " |", "|---" * (len(models) + 1) + "|"]
+    for label, value in figures:
+        lines.append(f"| {label} | " + " | ".join(f"{value(report[name]):.3f}" for name in models) + " |")
+    return "\n".join(lines) + f"\n\nTraining `reward_model` took {report['reward_model']['train_seconds']:.1f} s."
+
+
 def _write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    world, rm, methods = report["world"], report["reward_model"], report["methods"]
+    world, methods = report["world"], report["methods"]
     tuning = report["settings"]["tuning"]
     pruning = tuning.get("pruning", {})
     evaluation = report["evaluation"]
+    augmentation = ", ".join(f"{k} {v}" for k, v in BRIGHTNESS_AUGMENTATION.items())
     pictures = "\n".join(f"### {name}\n![{name}]({row['grid']})\n" for name, row in methods.items() if row.get("grid"))
     text = f"""# GAN-RM on the embedded digits world
 
@@ -634,13 +700,12 @@ target digits: style {world["target"]["style_rate"]:.1%}; other real digits {wor
 same dimmed to 80 % / 70 %: {world.get("real_other_dimmed_0.8", {}).get("style_rate", float("nan")):.1%} /
 {world.get("real_other_dimmed_0.7", {}).get("style_rate", float("nan")):.1%} (less ink is not thinner strokes).
 
-## The reward model
-| figure | value |
-|---|---|
-| AUC, held-out target digits vs base samples | {rm["auc"]:.3f} |
-| AUC, held-out target digits vs other real digits (the style itself) | {rm["auc_style_among_real"]:.3f} |
-| Spearman, reward vs the style's pixel measure (base samples) | {rm["spearman_reward_vs_style"]:.3f} |
-| training seconds (embedding + head, with one bootstrapping round) | {rm["train_seconds"]:.1f} |
+## The reward models
+`reward_model` is GAN-RM as the paper trains it; every row uses it unless it says otherwise.
+`reward_model_brightness_augmented` adds brightness views of every training image ({augmentation}), so that dimming
+an image cannot raise its reward; row `best_of_8_brightness_augmented_rm` ranks best-of-8's candidates with it.
+
+{_reward_models_table(report)}
 
 ## Methods
 Every row is judged on the same {evaluation["prompts"]} evaluation prompts and seeds {evaluation["seed_range"]}

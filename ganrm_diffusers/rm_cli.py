@@ -75,6 +75,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--bootstrap-alpha", type=float, default=defaults.bootstrap_alpha, help="soft label exp(-alpha*rank)"
     )
+    train.add_argument(
+        "--augment-copies",
+        type=int,
+        default=defaults.augment_copies,
+        help="brightness-scaled views of each training image, both sides (0: none). The head then cannot prefer "
+        "images for being dimmer or brighter alone; leave it off when the target style is a brightness",
+    )
+    train.add_argument(
+        "--brightness-jitter",
+        type=float,
+        default=defaults.brightness_jitter,
+        help="each view's gain is uniform in [1 - jitter, 1 + jitter]",
+    )
     train.add_argument("--epochs", type=int, default=defaults.max_epochs, help="maximum epochs (early stopping)")
     train.add_argument("--patience", type=int, default=defaults.patience)
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -178,6 +191,8 @@ def train_command(args: argparse.Namespace) -> int:
         bootstrap_rounds=args.rounds,
         bootstrap_m=args.bootstrap_m,
         bootstrap_alpha=args.bootstrap_alpha,
+        augment_copies=args.augment_copies,
+        brightness_jitter=args.brightness_jitter,
     )
     pools = _pools(args.pool, args.rounds, args.seed)
     negatives = args.negatives or _sample_negatives(args)

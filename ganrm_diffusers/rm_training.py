@@ -4,6 +4,11 @@ The encoder is frozen, so training works on embeddings (cached on disk for files
 Rank-based bootstrapping (GAN-RM, Sec. 3) adds the top-M of a fresh pool of generations as soft positives with
 label exp(-alpha * rank) (rank 0 = best) and the bottom-M as negatives, then retrains the head from scratch.
 Validation always uses a fixed held-out split of the original, hard-labelled images.
+
+Optional brightness augmentation (`augment_copies`), as GAN discriminators use with little data (ADA, DiffAugment):
+each training image of both sides is also embedded with its pixels scaled by a random gain. Brightness then tells
+the sides apart no better than chance, so the head cannot prefer dimmer (or brighter) images for that alone; the
+price is that a style which *is* a brightness (a darker look) is harder to learn. Off by default.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 from ganrm_diffusers.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from ganrm_diffusers.embedding_cache import EmbeddingCache, embed_files
 from ganrm_diffusers.errors import GanrmError, ImageInputError
+from ganrm_diffusers.images import load_image, to_pixels
 from ganrm_diffusers.plots import plot_training_curves
 from ganrm_diffusers.reward_model import GANRewardModel
 
@@ -53,6 +59,8 @@ class RewardTrainingConfig:
     bootstrap_rounds: int = 0
     bootstrap_m: int = 32
     bootstrap_alpha: float = 0.1
+    augment_copies: int = 0  # brightness-augmented views of each training image, both sides (0: none)
+    brightness_jitter: float = 0.4  # each view's gain is uniform in [1 - jitter, 1 + jitter], clipped to [0, 1]
 
 
 @dataclass
@@ -273,6 +281,45 @@ def bootstrap_round(
     return extended, result
 
 
+def brightness_gains(count: int, jitter: float, generator: torch.Generator) -> torch.Tensor:
+    """Per-image gains uniform in [1 - jitter, 1 + jitter]."""
+    if not 0 < jitter < 1:
+        raise ValueError(f"brightness_jitter must be in (0, 1), got {jitter}")
+    return 1 - jitter + 2 * jitter * torch.rand(count, generator=generator)
+
+
+def add_brightness_views(
+    model: GANRewardModel,
+    dataset: RewardDataset,
+    split: tuple[torch.Tensor, torch.Tensor],
+    sides: Sequence[EmbeddedSide],
+    config: RewardTrainingConfig,
+) -> tuple[RewardDataset, tuple[torch.Tensor, torch.Tensor]]:
+    """`config.augment_copies` brightness-scaled views of every *training* image of `sides` (dataset rows in side
+    order), appended with their image's label and text. Validation images get none: they stay unseen."""
+    train_idx, val_idx = split
+    owners = [(side, row) for side in sides for row in range(len(side.embeddings))]
+    generator = torch.Generator().manual_seed(config.seed + 7919)
+    features, labels, texts = [], [], []
+    for _ in tqdm(range(config.augment_copies), desc="brightness views", leave=False):
+        gains = brightness_gains(len(train_idx), config.brightness_jitter, generator)
+        views = [
+            (owners[index][0].pixels(owners[index][1]) * gain).clamp(0, 1)
+            for index, gain in zip(train_idx.tolist(), gains.tolist(), strict=True)
+        ]
+        features.append(model.encoder.encode_images(views).to(dataset.features))
+        labels.append(dataset.labels[train_idx])
+        texts.append(None if dataset.text is None else dataset.text[train_idx])
+    added = sum(len(block) for block in labels)
+    extended = RewardDataset(
+        features=torch.cat([dataset.features, *features]),
+        labels=torch.cat([dataset.labels, *labels]),
+        hard=torch.cat([dataset.hard, torch.zeros(added, dtype=torch.bool, device=dataset.hard.device)]),
+        text=None if dataset.text is None else torch.cat([dataset.text, *texts]),
+    )
+    return extended, (torch.cat([train_idx, torch.arange(len(dataset), len(extended))]), val_idx)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # From images to a trained reward model
 
@@ -291,6 +338,12 @@ class EmbeddedSide:
     embeddings: torch.Tensor
     prompts: list[str | None] | None
     source: str
+    images: Sequence[object] | torch.Tensor  # row i of `embeddings` came from images[i] (a file path or an image)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """Image `index` as a 1x3xHxW batch in [0, 1] (files are read again: only embeddings are cached)."""
+        item = self.images[index]
+        return to_pixels(load_image(item) if isinstance(item, (str, Path)) else item)
 
 
 def embed_source(
@@ -314,13 +367,14 @@ def embed_source(
             model.encoder, source, cache=cache, strict=strict, min_images=min_images, description=f"embedding {name}"
         )
         label = str(source) if isinstance(source, (str, Path)) else f"{len(files.paths)} files"
-        return EmbeddedSide(files.embeddings, files.prompts, label)
+        return EmbeddedSide(files.embeddings, files.prompts, label, files.paths)
     embeddings = model.encoder.encode_images(source)
     if len(embeddings) < min_images:
         raise ImageInputError(f"the {name} batch has {len(embeddings)} image(s); at least {min_images} are needed")
     if prompts is not None and len(prompts) != len(embeddings):
         raise ImageInputError(f"the {name} batch has {len(embeddings)} image(s) but {len(prompts)} prompts")
-    return EmbeddedSide(embeddings, prompts, f"{len(embeddings)} images in memory")
+    images = source if isinstance(source, (Sequence, torch.Tensor, np.ndarray)) else [source]
+    return EmbeddedSide(embeddings, prompts, f"{len(embeddings)} images in memory", images)
 
 
 def _text(model: GANRewardModel, side: EmbeddedSide, name: str) -> torch.Tensor | None:
@@ -395,6 +449,8 @@ def fit_reward_model(
     negative_text = _text(model, negative, "negatives")
     dataset = RewardDataset.from_sides(positive.embeddings, negative.embeddings, positive_text, negative_text)
     split = split_validation(dataset, config.val_fraction, config.seed)
+    if config.augment_copies > 0:
+        dataset, split = add_brightness_views(model, dataset, split, [positive, negative], config)
     total_steps = config.max_epochs * (1 + config.bootstrap_rounds)
 
     def round_progress(round_index: int) -> Progress | None:

@@ -66,6 +66,16 @@ def test_every_method_has_a_judged_row_on_the_same_seeds(demo_out):
     assert methods["random_candidate"]["unet_evaluations"] == methods["best_of_8"]["unet_evaluations"]
     assert methods["best_of_8"]["mean_reward"] >= methods["random_candidate"]["mean_reward"]
     assert methods["best_of_8_pruned"]["unet_evaluations"] < methods["best_of_8"]["unet_evaluations"]
+    # The brightness-augmented reward model ranks best-of-8's own candidates: the same cost, the same baseline.
+    augmented = methods["best_of_8_brightness_augmented_rm"]
+    assert augmented["baseline"] == "random_candidate"
+    assert augmented["unet_evaluations"] == methods["best_of_8"]["unet_evaluations"]
+    for model in ("reward_model", "reward_model_brightness_augmented"):
+        dimmed = report[model]["dimmed_scores_higher"]
+        assert set(dimmed) == {"0.9", "0.8"} and all(0.0 <= share <= 1.0 for share in dimmed.values()), model
+    assert (demo_out / "reward_model_brightness_augmented" / "model.safetensors").is_file()
+    # FK resampling runs on a stochastic sampler, beside its own random pick.
+    assert methods["fk_resample_same_cost_as_pruned"]["baseline"] == "random_candidate_eta1"
     # Settings are chosen on tuning seeds that never overlap the evaluation seeds.
     tuning, evaluation = report["settings"]["tuning"]["seed_range"], report["evaluation"]["seed_range"]
     assert tuning[0] > evaluation[1] or tuning[1] < evaluation[0]

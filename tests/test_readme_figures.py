@@ -52,13 +52,20 @@ def row(style: float, **extra: object) -> dict:
 def fake_report() -> dict:
     return {
         "world": {"build_seconds": 361.4},
-        "reward_model": {"auc": 0.9561, "auc_style_among_real": 0.9874, "spearman_reward_vs_style": 0.84},
+        "reward_model": {
+            "auc": 0.9561,
+            "auc_style_among_real": 0.9874,
+            "spearman_reward_vs_style": 0.84,
+            "dimmed_scores_higher": {"0.9": 1.0, "0.8": 0.997},
+        },
+        "reward_model_brightness_augmented": {"auc": 0.9, "dimmed_scores_higher": {"0.9": 0.5, "0.8": 0.503}},
         "methods": {
             "dpo": row(0.796, style_ratio=7.51, style_ratio_ci95=[6.9, 8.2]),
             "best_of_8_pruned": row(0.546),
             "base": row(0.106),
             "fk_4_particles": {"style_rate": 0.333},
             "best_of_8": row(0.528, style_ratio=4.98, style_ratio_ci95=[4.31, 5.77]),
+            "best_of_8_brightness_augmented_rm": row(0.321),
             "random_candidate": row(0.104),
             "sft": row(0.248),
         },
@@ -120,7 +127,9 @@ def test_regions_rewritten_from_report_and_bench(inputs: dict[str, Path]) -> Non
     for figure in ("0.796 [0.786, 0.806]", "7.51x [6.90, 8.20]", "0.944", "0.00123", "25 000", "0.956", "0.987"):
         assert figure in results
     assert "361 s" in results and "learning_rate 0.001" in results and "seeds: 50000000 to 50000499" in results
-    order = [results.index(f"`{name}`") for name in ("base", "random_candidate", "best_of_8", "best_of_8_pruned")]
+    assert "for 100% (GAN-RM, `reward_model`) and 50% (with brightness views" in results
+    names = ("base", "random_candidate", "best_of_8", "best_of_8_brightness_augmented_rm", "best_of_8_pruned")
+    order = [results.index(f"`{name}`") for name in names]
     order += [results.index(f"`{name}`") for name in ("fk_4_particles", "sft", "dpo")]
     assert order == sorted(order)
     fk_row = next(line for line in results.splitlines() if "`fk_4_particles`" in line)

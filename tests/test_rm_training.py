@@ -10,12 +10,13 @@ from sklearn.metrics import roc_auc_score
 
 from ganrm_diffusers.embedding_cache import EmbeddingCache, embed_files
 from ganrm_diffusers.errors import ImageInputError
-from ganrm_diffusers.images import load_image_folder
+from ganrm_diffusers.images import load_image, load_image_folder, to_pixels
 from ganrm_diffusers.reward_model import GANRewardModel
 from ganrm_diffusers.rm_training import (
     RewardDataset,
     RewardTrainingConfig,
     bootstrap_round,
+    brightness_gains,
     fit_reward_model,
     split_validation,
 )
@@ -172,3 +173,41 @@ def test_in_memory_sides_and_too_few_images(tiny_backbone, property_folders, tmp
         fit_reward_model(
             small, property_folders["negatives"], model=_fresh(tiny_backbone), cache=EmbeddingCache(tmp_path)
         )
+
+
+def test_brightness_views_are_of_training_images_only(tiny_backbone, property_folders, tmp_path):
+    """Each copy adds one view per training image (its label and its gain-scaled pixels); validation images get
+    none, so the held-out split still holds images the head never saw in any form."""
+    cache = EmbeddingCache(tmp_path / "cache")
+    config = RewardTrainingConfig(max_epochs=3, augment_copies=2, brightness_jitter=0.4)
+    plain = fit_reward_model(
+        property_folders["positives"],
+        property_folders["negatives"],
+        model=_fresh(tiny_backbone),
+        cache=cache,
+        config=RewardTrainingConfig(max_epochs=3),
+    )[1]
+    model, report = fit_reward_model(
+        property_folders["positives"],
+        property_folders["negatives"],
+        model=_fresh(tiny_backbone),
+        cache=cache,
+        config=config,
+    )
+    train, val = plain.split
+    assert torch.equal(report.split[1], val)
+    assert len(report.dataset) == 160 + 2 * len(train)
+    added = slice(160, None)
+    assert not report.dataset.hard[added].any()
+    assert torch.equal(report.dataset.labels[added], plain.dataset.labels[train].repeat(2))
+    assert set(report.split[0].tolist()) == set(train.tolist()) | set(range(160, len(report.dataset)))
+
+    # The first view is the first training image scaled by the first gain of the seeded draw.
+    gain = brightness_gains(len(train), 0.4, torch.Generator().manual_seed(config.seed + 7919))[0]
+    files = sorted(property_folders["positives"].glob("*.png")) + sorted(property_folders["negatives"].glob("*.png"))
+    expected = model.encoder.encode_images((to_pixels(load_image(files[int(train[0])])) * gain).clamp(0, 1))[0]
+    view = report.dataset.features[160]
+    assert torch.linalg.vector_norm(view - expected) <= 1e-4 * torch.linalg.vector_norm(expected)
+
+    with pytest.raises(ValueError, match="brightness_jitter must be in"):
+        brightness_gains(4, 1.5, torch.Generator())

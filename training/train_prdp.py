@@ -10,14 +10,17 @@ max((D - R/beta)^2, (D_clip - R/beta)^2) over all pairs of trajectories of the s
 pair's log-ratios to the frozen reference (the UNet with its LoRA off), averaged over the stochastic steps, D_clip
 the same with every per-step ratio clipped to theta_old's +- eps (ganrm_diffusers.losses.prdp_loss).
 
-Defaults are the authors' small-scale settings (K 10, N 32, B 16, eps 1e-6, 50 DDIM steps with eta 1, guidance 5,
-AdamW lr 1e-5, weight decay 1e-4, grad-norm clip 1) except for the reward scale: the authors' beta 3e-5 goes with
-raw HPSv2 rewards, whose gaps within a prompt are about 100x smaller than GAN-RM logit gaps. Here rewards are
-standardised within each prompt by default (--reward_normalization per_prompt: minus the prompt's mean, over its
-std across the B samples), so their differences are O(1) whatever the reward model, and beta defaults to 30 (see
-BETA_HELP). Scale convention: log-probabilities are means over latent elements and ratios means over steps, so
-beta and eps are per element and per step. A warning names a beta that puts the targets R/beta more than 100x
-away from the log-ratio gaps the run shows.
+Defaults are the authors' small-scale settings (N 32, B 16, 50 DDIM steps with eta 1, guidance 5, weight decay
+1e-4, grad-norm clip 1) except where a LoRA and a GAN-RM need otherwise, each the value the embedded world's demo
+runs with. Rewards: the authors' beta 3e-5 goes with raw HPSv2 rewards, whose gaps within a prompt are about 100x
+smaller than GAN-RM logit gaps; here rewards are standardised within each prompt by default
+(--reward_normalization per_prompt: minus the prompt's mean, over its std across the B samples), so their
+differences are O(1) whatever the reward model, and beta defaults to 30 (see BETA_HELP). Optimisation: the authors
+fine-tune the whole UNet at lr 1e-5 with K 10 and eps 1e-6; a LoRA learns at the usual 3e-4 (ddpo-pytorch's), with
+K 2 inner steps at that rate, and eps 1e-3, as 1e-6 per element clips a LoRA's log-ratios to nothing. Scale
+convention: log-probabilities are means over latent elements and ratios means over steps, so beta and eps are per
+element and per step. A warning names a beta that puts the targets R/beta more than 100x away from the log-ratio
+gaps the run shows.
 
 The loss depends on all steps of a trajectory at once (through the mean over T), yet all B x T UNet evaluations
 cannot keep their graphs at once on a real model. Each gradient step therefore takes the loss's gradient with
@@ -89,19 +92,21 @@ LOG_RATIO_FLOOR = 1e-3
 
 @dataclass
 class PRDPConfig(FinetuneConfig):
-    """Online PRDP with a GAN-RM reward; defaults are the authors' small-scale hyperparameters, except beta (30,
-    for per-prompt standardised rewards: see --beta and --reward_normalization)."""
+    """Online PRDP with a GAN-RM reward. Defaults follow the authors' small-scale setting (N, B, eta, weight decay)
+    except where a LoRA and a GAN-RM need otherwise, each the value the embedded world's demo runs with: beta 30 for
+    per-prompt standardised rewards (see --beta, --reward_normalization); learning rate 3e-4, the usual LoRA rate
+    (ddpo-pytorch's), where the authors' 1e-5 fine-tunes the whole UNet; K = 2 inner steps at that rate; clip_eps
+    1e-3 per element, as the authors' 1e-6 clips a LoRA's per-element log-ratios to nothing."""
 
     epochs: int = option(100, "epochs: each samples fresh trajectories, then takes inner_steps gradient steps")
-    inner_steps: int = option(10, "K: gradient steps per epoch on that epoch's trajectories")
+    inner_steps: int = option(2, "K: gradient steps per epoch on that epoch's trajectories")
     prompts_per_epoch: int = option(32, "N: prompts drawn per epoch (split across processes)")
     samples_per_prompt: int = option(16, "B: trajectories per prompt; pairs are only formed within a prompt")
     beta: float = option(DEFAULT_BETA, BETA_HELP)
-    clip_eps: float = option(1e-6, "proximal clipping of each per-step log-ratio around theta_old's (per element)")
+    clip_eps: float = option(1e-3, "proximal clipping of each per-step log-ratio around theta_old's (per element)")
     reward_normalization: str = option("per_prompt", REWARD_NORMALIZATION_HELP, choices=("per_prompt", "none"))
     reward_scale: float = option(1.0, REWARD_SCALE_HELP)
-    # The authors' optimisation and sampling settings.
-    learning_rate: float = option(1e-5, "AdamW learning rate")
+    learning_rate: float = option(3e-4, "AdamW learning rate (LoRA)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     eta: float = option(1.0, "DDIM eta of the sampled trajectories (> 0: PRDP needs stochastic steps)")
     checkpoint_every: int = option(10, "write a checkpoint every this many epochs (an epoch's samples are not kept)")
