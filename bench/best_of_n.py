@@ -30,8 +30,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from results import Comparison, Figure, add_out_argument, device_name, write_results  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from ganrm_diffusers.pipeline import RewardGuidedPipeline  # noqa: E402
-from ganrm_diffusers.reward_model import GANRewardModel  # noqa: E402
+from ganrm_diffusers.generation.pipeline import RewardGuidedPipeline  # noqa: E402
+from ganrm_diffusers.reward.model import GANRewardModel  # noqa: E402
 from ganrm_diffusers.world.tokenizer import build_clip_tokenizer  # noqa: E402
 
 # Stable Diffusion 1.5's architecture, and the same shape scaled down for a CPU.

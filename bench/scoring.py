@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from results import Comparison, Figure, add_out_argument, device_name, write_results  # noqa: E402
 
-from ganrm_diffusers.reward_model import GANRewardModel  # noqa: E402
-from ganrm_diffusers.rm_training import RewardDataset, RewardTrainingConfig, reset_head, train_head  # noqa: E402
+from ganrm_diffusers.reward.model import GANRewardModel  # noqa: E402
+from ganrm_diffusers.reward.training import RewardDataset, RewardTrainingConfig, reset_head, train_head  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -300,7 +300,7 @@ def record_optimizer_steps() -> list[float]:
 
 
 def run_ganrm_dpo(inputs: dict, args: argparse.Namespace, out: Path, steps: int) -> None:
-    from ganrm_training.train_dpo import DPOConfig, train
+    from ganrm_diffusers.training.dpo import DPOConfig, train
 
     train(
         DPOConfig(
@@ -322,7 +322,7 @@ def run_ganrm_dpo(inputs: dict, args: argparse.Namespace, out: Path, steps: int)
 
 
 def run_ganrm_prdp(inputs: dict, args: argparse.Namespace, out: Path) -> None:
-    from ganrm_training.train_prdp import PRDPConfig, train
+    from ganrm_diffusers.training.prdp import PRDPConfig, train
 
     train(
         PRDPConfig(

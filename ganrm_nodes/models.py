@@ -1,6 +1,6 @@
 """Reward models inside ComfyUI: where they are found, and ComfyUI's model management around them.
 
-Checkpoints are folders (config.json + model.safetensors, see ganrm_diffusers.reward_model) under the
+Checkpoints are folders (config.json + model.safetensors, see ganrm_diffusers.reward.model) under the
 `reward_models` model folder, which extra_model_paths.yaml can extend like any other, or Hub ids already in the
 local Hugging Face cache (nothing is ever downloaded from a node).
 """
@@ -15,9 +15,9 @@ import comfy.model_patcher
 import folder_paths
 import torch
 
-from ganrm_diffusers.errors import CheckpointError, GanrmError
-from ganrm_diffusers.hub import cached_reward_model_ids
-from ganrm_diffusers.reward_model import CONFIG_NAME, GANRewardModel
+from ganrm_diffusers.reward.hub_cache import cached_reward_model_ids
+from ganrm_diffusers.reward.model import CONFIG_NAME, GANRewardModel
+from ganrm_diffusers.utils.errors import CheckpointError, GanrmError
 
 FOLDER_NAME = "reward_models"
 HUB_PREFIX = "hub:"  # combo entries naming a Hub id from the local cache, e.g. "hub:you/ganrm-my-style"

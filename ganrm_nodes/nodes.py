@@ -18,11 +18,11 @@ from comfy_execution.graph_utils import ExecutionBlocker
 from PIL import Image
 from typing_extensions import override
 
-from ganrm_diffusers.errors import GanrmError, ImageInputError
-from ganrm_diffusers.plots import score_grid
-from ganrm_diffusers.reward_model import GANRewardModel
-from ganrm_diffusers.rm_training import RewardTrainingConfig, fit_reward_model, save_training_outputs
-from ganrm_diffusers.selection import select_top_k
+from ganrm_diffusers.generation.selection import select_top_k
+from ganrm_diffusers.reward.model import GANRewardModel
+from ganrm_diffusers.reward.training import RewardTrainingConfig, fit_reward_model, save_training_outputs
+from ganrm_diffusers.utils.errors import GanrmError, ImageInputError
+from ganrm_diffusers.utils.plots import score_grid
 from ganrm_nodes import models
 
 CATEGORY = "ganrm"

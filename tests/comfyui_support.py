@@ -519,7 +519,7 @@ def _write_random_sd15_diffusers(folder: Path, lora_file: Path, seed: int = 0) -
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from ganrm_diffusers.lora import COMFYUI_WEIGHT_NAME, add_lora, save_lora
+    from ganrm_diffusers.generation.lora import COMFYUI_WEIGHT_NAME, add_lora, save_lora
 
     torch.manual_seed(seed)
     # UNet2DConditionModel's defaults are SD1.x's UNet except for the text width.

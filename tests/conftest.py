@@ -115,7 +115,7 @@ def tiny_backbone(tiny_clip_dir: Path) -> str:
 
 @pytest.fixture
 def tiny_reward_model(tiny_backbone: str):
-    from ganrm_diffusers.reward_model import GANRewardModel
+    from ganrm_diffusers.reward.model import GANRewardModel
 
     return GANRewardModel(backbone=tiny_backbone, pretrained=None, hidden_sizes=(32,), dropout=0.0)
 
@@ -171,7 +171,7 @@ def comfyui_source() -> Path:
 
 
 def _tiny_reward_model(tiny_backbone: str, prompt_aware: bool = False, seed: int = 0):
-    from ganrm_diffusers.reward_model import GANRewardModel
+    from ganrm_diffusers.reward.model import GANRewardModel
 
     torch.manual_seed(seed)
     return GANRewardModel(

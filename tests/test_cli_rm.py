@@ -13,10 +13,10 @@ import pytest
 from huggingface_hub import HfApi
 from PIL import Image
 
-from ganrm_diffusers.cli import main
-from ganrm_diffusers.reward_model import GANRewardModel
+from ganrm_diffusers.cli.main import main
+from ganrm_diffusers.reward.model import GANRewardModel
 
-GANRM = [sys.executable, "-m", "ganrm_diffusers.cli"]
+GANRM = [sys.executable, "-m", "ganrm_diffusers.cli.main"]
 
 
 @pytest.fixture(scope="module")

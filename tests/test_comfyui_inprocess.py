@@ -55,7 +55,7 @@ def direct_scores(
     comfyui_reward_models: dict[str, Path], images: torch.Tensor, name: str = "tiny", prompts=None
 ) -> torch.Tensor:
     """The same checkpoint's scores computed by the library alone, outside ComfyUI."""
-    from ganrm_diffusers.reward_model import GANRewardModel
+    from ganrm_diffusers.reward.model import GANRewardModel
 
     model = GANRewardModel.from_pretrained(comfyui_reward_models[name])
     return model.score(images.movedim(-1, 1), prompts)
@@ -87,7 +87,7 @@ def refuse(*args, **kwargs):
     raise AssertionError("touched at import time")
 socket.socket.connect = refuse
 socket.create_connection = refuse
-import open_clip, ganrm_diffusers.reward_model as reward_model
+import open_clip, ganrm_diffusers.reward.model as reward_model
 open_clip.create_model = refuse
 reward_model.GANRewardModel.from_pretrained = classmethod(refuse)
 reward_model.ClipBackbone.load = classmethod(refuse)
@@ -120,7 +120,7 @@ def test_score_node_scores_every_image_with_the_library_scorer(comfyui, comfyui_
 
 
 def test_best_of_n_keeps_the_top_k_of_each_group(comfyui, comfyui_reward_models):
-    from ganrm_diffusers.selection import select_top_k
+    from ganrm_diffusers.generation.selection import select_top_k
 
     graph = (
         noisy_images(6, seed=3)

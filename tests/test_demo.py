@@ -11,9 +11,9 @@ import math
 import pytest
 import safetensors
 
-from ganrm_diffusers.cli import main as ganrm_main
-from ganrm_diffusers.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME
-from ganrm_diffusers.reward_model import GANRewardModel
+from ganrm_diffusers.cli.main import main as ganrm_main
+from ganrm_diffusers.generation.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME
+from ganrm_diffusers.reward.model import GANRewardModel
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from ganrm_training import train_dpo, train_prdp
 
-from ganrm_diffusers.finetune import setup_run
-from ganrm_diffusers.lora import adapters_disabled
-from ganrm_diffusers.reward_model import GANRewardModel
-from ganrm_diffusers.rm_training import RewardTrainingConfig, fit_reward_model
-from ganrm_diffusers.sampling import DDIMLogProbSampler
+from ganrm_diffusers.generation.lora import adapters_disabled
+from ganrm_diffusers.generation.sampling import DDIMLogProbSampler
+from ganrm_diffusers.reward.model import GANRewardModel
+from ganrm_diffusers.reward.training import RewardTrainingConfig, fit_reward_model
+from ganrm_diffusers.training import dpo as train_dpo
+from ganrm_diffusers.training import prdp as train_prdp
+from ganrm_diffusers.training.run import setup_run
 
 EVAL_SAMPLES_PER_PROMPT = 4
 EVAL_FIRST_SEED = 700_000  # never a training seed: training samples use their own seed rules

@@ -13,17 +13,14 @@ import pytest
 import torch
 from checks import assert_relative_close, relative_error
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from ganrm_training import train_dpo, train_prdp, train_rounds
 from PIL import Image
 from tiny_models import tiny_sd_pipeline
 
-from ganrm_diffusers.errors import ImageInputError
-from ganrm_diffusers.finetune import TrainingConfigError, examples_from_candidates
-from ganrm_diffusers.losses import normalize_rewards, prdp_loss, regression_scales
-from ganrm_diffusers.pipeline import RewardGuidedPipeline
-from ganrm_diffusers.pruning import FKResampling, ScheduleError, deterministic_steps
-from ganrm_diffusers.reward_model import GANRewardModel
-from ganrm_diffusers.rm_training import (
+from ganrm_diffusers.generation.pipeline import RewardGuidedPipeline
+from ganrm_diffusers.generation.pruning import FKResampling, ScheduleError, deterministic_steps
+from ganrm_diffusers.generation.sampling import DDIMLogProbSampler
+from ganrm_diffusers.reward.model import GANRewardModel
+from ganrm_diffusers.reward.training import (
     PromptedImages,
     RewardDataset,
     RewardTrainingConfig,
@@ -31,7 +28,13 @@ from ganrm_diffusers.rm_training import (
     fit_reward_model,
     train_head,
 )
-from ganrm_diffusers.sampling import DDIMLogProbSampler
+from ganrm_diffusers.training import dpo as train_dpo
+from ganrm_diffusers.training import prdp as train_prdp
+from ganrm_diffusers.training import rounds as train_rounds
+from ganrm_diffusers.training.config import TrainingConfigError
+from ganrm_diffusers.training.examples import examples_from_candidates
+from ganrm_diffusers.training.losses import normalize_rewards, prdp_loss, regression_scales
+from ganrm_diffusers.utils.errors import ImageInputError
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]
 
@@ -307,7 +310,7 @@ def test_standardised_prdp_loss_is_scale_invariant_and_pairs_within_prompts():
 def test_prdp_defaults_standardise_rewards_with_a_matching_beta(capsys):
     config = train_prdp.PRDPConfig(pretrained_model="p")
     assert config.reward_normalization == "per_prompt" and config.beta == 30.0
-    from ganrm_diffusers.cli import main
+    from ganrm_diffusers.cli.main import main
 
     with pytest.raises(SystemExit):
         main(["train", "prdp", "--help"])

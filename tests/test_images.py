@@ -11,8 +11,8 @@ import torch
 from conftest import write_images
 from PIL import Image
 
-from ganrm_diffusers.errors import ImageInputError
-from ganrm_diffusers.images import list_image_files, load_image, load_image_folder, to_pixels
+from ganrm_diffusers.utils.errors import ImageInputError
+from ganrm_diffusers.utils.images import list_image_files, load_image, load_image_folder, to_pixels
 
 
 def test_grayscale_palette_cmyk_and_la_become_rgb(tmp_path):

@@ -16,8 +16,7 @@ from checks import assert_relative_close, relative_error, require_or_skip
 from comfyui_support import find_comfyui_tree
 from tiny_models import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
 
-from ganrm_diffusers.errors import CheckpointError, LoraCompatibilityError
-from ganrm_diffusers.lora import (
+from ganrm_diffusers.generation.lora import (
     BASE_MODEL_METADATA_KEY,
     COMFYUI_WEIGHT_NAME,
     DIFFUSERS_WEIGHT_NAME,
@@ -28,6 +27,7 @@ from ganrm_diffusers.lora import (
     read_lora,
     save_lora,
 )
+from ganrm_diffusers.utils.errors import CheckpointError, LoraCompatibilityError
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a file that loses alpha loads at the wrong strength and fails the tests
 

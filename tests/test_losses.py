@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ganrm_diffusers.losses import diffusion_dpo_loss, prdp_loss
+from ganrm_diffusers.training.losses import diffusion_dpo_loss, prdp_loss
 
 
 def prdp_loss_by_loops(logp, logp_old, logp_ref, rewards, beta, eps):

@@ -13,16 +13,16 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, Stab
 from diffusers.pipelines.pipeline_loading_utils import _get_custom_components_and_folders
 from tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-from ganrm_diffusers.errors import LoraCompatibilityError
-from ganrm_diffusers.lora import add_lora, save_lora
-from ganrm_diffusers.pipeline import (
+from ganrm_diffusers.generation.lora import add_lora, save_lora
+from ganrm_diffusers.generation.pipeline import (
     PipelineInputError,
     RewardGuidedPipeline,
     RewardGuidedXLPipeline,
     load_reward_guided_pipeline,
 )
-from ganrm_diffusers.pruning import FKResampling, PruneSchedule, ScheduleError, count_unet_rows
-from ganrm_diffusers.reward_model import GANRewardModel
+from ganrm_diffusers.generation.pruning import FKResampling, PruneSchedule, ScheduleError, count_unet_rows
+from ganrm_diffusers.reward.model import GANRewardModel
+from ganrm_diffusers.utils.errors import LoraCompatibilityError
 from ganrm_diffusers.world import World
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]

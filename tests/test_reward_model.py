@@ -14,10 +14,10 @@ from checks import assert_relative_close
 from conftest import TINY_CLIP_CONFIG, write_tiny_clip
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from ganrm_diffusers.backbone import ClipBackbone
-from ganrm_diffusers.errors import CheckpointError, ImageInputError
-from ganrm_diffusers.images import to_pil
-from ganrm_diffusers.reward_model import GANRewardModel
+from ganrm_diffusers.reward.backbone import ClipBackbone
+from ganrm_diffusers.reward.model import GANRewardModel
+from ganrm_diffusers.utils.errors import CheckpointError, ImageInputError
+from ganrm_diffusers.utils.images import to_pil
 
 # The same images scored through another input path or batch composition: equal up to float32 order (and the last
 # bit of a [-1, 1] round trip), compared as a vector; a wrong conversion (channel order, value range, resize)

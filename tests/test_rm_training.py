@@ -8,11 +8,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from ganrm_diffusers.embedding_cache import EmbeddingCache, embed_files
-from ganrm_diffusers.errors import ImageInputError
-from ganrm_diffusers.images import load_image, load_image_folder, to_pixels
-from ganrm_diffusers.reward_model import GANRewardModel
-from ganrm_diffusers.rm_training import (
+from ganrm_diffusers.reward.embedding_cache import EmbeddingCache, embed_files
+from ganrm_diffusers.reward.model import GANRewardModel
+from ganrm_diffusers.reward.training import (
     RewardDataset,
     RewardTrainingConfig,
     bootstrap_round,
@@ -20,6 +18,8 @@ from ganrm_diffusers.rm_training import (
     fit_reward_model,
     split_validation,
 )
+from ganrm_diffusers.utils.errors import ImageInputError
+from ganrm_diffusers.utils.images import load_image, load_image_folder, to_pixels
 
 
 def _fresh(tiny_backbone: str) -> GANRewardModel:

@@ -16,10 +16,10 @@ from checks import assert_relative_close, import_or_skip
 from PIL import Image
 from tiny_models import tiny_sd_pipeline
 
-from ganrm_diffusers.candidates import PARTS_DIR, SETTINGS_NAME, read_records
-from ganrm_diffusers.cli import main
-from ganrm_diffusers.pipeline import RewardGuidedPipeline
-from ganrm_diffusers.reward_model import GANRewardModel
+from ganrm_diffusers.cli.main import main
+from ganrm_diffusers.generation.candidates import PARTS_DIR, SETTINGS_NAME, read_records
+from ganrm_diffusers.generation.pipeline import RewardGuidedPipeline
+from ganrm_diffusers.reward.model import GANRewardModel
 
 PROMPTS = [
     "a handwritten digit 0",
@@ -166,7 +166,7 @@ def test_two_accelerate_processes_split_the_prompts_and_give_the_single_process_
         "--main_process_port",
         str(_free_port()),
         "-m",
-        "ganrm_diffusers.cli",
+        "ganrm_diffusers.cli.main",
         *sample_args(saved_pipeline, prompts, tmp_path / "double", "--seed", "100"),
     ]
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

@@ -10,8 +10,8 @@ from checks import assert_relative_close
 from diffusers import DDIMScheduler
 from tiny_models import tiny_scheduler, tiny_sd_pipeline, tiny_sdxl_pipeline
 
-from ganrm_diffusers.lora import add_lora
-from ganrm_diffusers.sampling import DDIMLogProbSampler, ddim_step_std, ddim_step_with_log_prob
+from ganrm_diffusers.generation.lora import add_lora
+from ganrm_diffusers.generation.sampling import DDIMLogProbSampler, ddim_step_std, ddim_step_with_log_prob
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]
 SEEDS = [11, 12, 13, 14]

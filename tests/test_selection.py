@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ganrm_diffusers.selection import ScoreError, select_top_k
+from ganrm_diffusers.generation.selection import ScoreError, select_top_k
 
 
 def test_top_k_per_group_is_group_major_best_first():

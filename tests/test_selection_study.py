@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ganrm_diffusers.pruning import FKResampling, PruneSchedule
-from ganrm_diffusers.reward_model import GANRewardModel
-from ganrm_diffusers.selection_study import (
+from ganrm_diffusers.demo.selection_study import (
     choose_schedule,
     early_reward_agreement,
     pruning_sweep,
     random_pick,
     selection_runs,
 )
+from ganrm_diffusers.generation.pruning import FKResampling, PruneSchedule
+from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.world.generator import prompt_for
 
 STEPS = 6

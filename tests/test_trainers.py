@@ -17,15 +17,19 @@ import pytest
 import torch
 from checks import assert_relative_close
 from diffusers import DiffusionPipeline
-from ganrm_training import train_dpo, train_prdp, train_rounds, train_sft
 from safetensors.torch import load_file
 from tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-from ganrm_diffusers.finetune import TrainingConfigError, setup_run
-from ganrm_diffusers.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, lora_state_dicts
-from ganrm_diffusers.losses import prdp_loss
-from ganrm_diffusers.reward_model import GANRewardModel
-from ganrm_diffusers.training_state import list_checkpoints
+from ganrm_diffusers.generation.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, lora_state_dicts
+from ganrm_diffusers.reward.model import GANRewardModel
+from ganrm_diffusers.training import dpo as train_dpo
+from ganrm_diffusers.training import prdp as train_prdp
+from ganrm_diffusers.training import rounds as train_rounds
+from ganrm_diffusers.training import sft as train_sft
+from ganrm_diffusers.training.config import TrainingConfigError
+from ganrm_diffusers.training.losses import prdp_loss
+from ganrm_diffusers.training.run import setup_run
+from ganrm_diffusers.training.state import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a handwritten digit 1", "a handwritten digit 4", "a handwritten digit 7", "a handwritten digit 9"]
@@ -414,7 +418,7 @@ def test_each_rounds_three_sample_sets_have_seeds_of_their_own():
 
 
 def test_ganrm_train_states_the_beta_conventions(capsys):
-    from ganrm_diffusers.cli import main
+    from ganrm_diffusers.cli.main import main
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -427,7 +431,7 @@ def test_ganrm_train_states_the_beta_conventions(capsys):
 
 
 def test_ganrm_train_runs_a_method(assets, tmp_path, capsys):
-    from ganrm_diffusers.cli import main
+    from ganrm_diffusers.cli.main import main
 
     arguments = [f"--{key}={value}" for key, value in common(assets, "sd", tmp_path / "cli").items()]
     assert main(["train", "sft", *arguments, "--num_candidates=2", "--train_batch_size=2", "--max_train_steps=1"]) == 0

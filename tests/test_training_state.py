@@ -13,15 +13,15 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from tiny_models import tiny_sd_unet
 
-from ganrm_diffusers.errors import CheckpointError
-from ganrm_diffusers.lora import add_lora
-from ganrm_diffusers.training_state import (
+from ganrm_diffusers.generation.lora import add_lora
+from ganrm_diffusers.training.state import (
     CHECKPOINTS_DIR,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
+from ganrm_diffusers.utils.errors import CheckpointError
 
 
 def make_training(lora_seed: int = 0):

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from ganrm_diffusers.cli import main as ganrm_main
+from ganrm_diffusers.cli.main import main as ganrm_main
 from ganrm_diffusers.world import (
     Judges,
     WorldError,
@@ -63,7 +63,7 @@ def test_backbone_loads_through_open_clips_factory(reduced_world):
 
 
 def test_reward_model_backbone_embeds_the_world_like_open_clip(reduced_world):
-    from ganrm_diffusers.backbone import ClipBackbone
+    from ganrm_diffusers.reward.backbone import ClipBackbone
 
     backbone = ClipBackbone.load(reduced_world.backbone)
     model, _, _ = open_clip.create_model_and_transforms(reduced_world.backbone)

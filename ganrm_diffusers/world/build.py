@@ -30,9 +30,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ganrm_diffusers.errors import GanrmError
-from ganrm_diffusers.images import load_image, to_pil, to_pixels
-from ganrm_diffusers.paths import cache_dir
+from ganrm_diffusers.utils.errors import GanrmError
+from ganrm_diffusers.utils.images import load_image, to_pil, to_pixels
+from ganrm_diffusers.utils.paths import cache_dir
 from ganrm_diffusers.world import clip_training, generator
 from ganrm_diffusers.world.judge import Judges, fit_style_rule, rule_measure
 from ganrm_diffusers.world.style import RealDigits, glyph_box, load_real_digits, slant

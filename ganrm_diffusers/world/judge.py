@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from sklearn.svm import SVC
 
-from ganrm_diffusers.errors import CheckpointError
-from ganrm_diffusers.images import to_pixels
+from ganrm_diffusers.utils.errors import CheckpointError
+from ganrm_diffusers.utils.images import to_pixels
 from ganrm_diffusers.world.style import STROKE_GRID, digit_grid, ink, lit_cells, peak
 
 JUDGE_CONFIG = "judge.json"
@@ -92,7 +92,7 @@ def fit_feature_net(images: object, digits: torch.Tensor, seed: int, epochs: int
 
 
 class Judges:
-    """Per-image judges on any image form ganrm accepts (see ganrm_diffusers.images): `style_rate`, `faint_rate`,
+    """Per-image judges on any image form ganrm accepts (see ganrm_diffusers.utils.images): `style_rate`, `faint_rate`,
     `blank_rate`, `class_accuracy`, `style_measure`, and `features` for distribution distances."""
 
     def __init__(

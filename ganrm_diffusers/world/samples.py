@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ganrm_diffusers.pruning import count_unet_rows
+from ganrm_diffusers.generation.pruning import count_unet_rows
 
 
 @dataclass(frozen=True)

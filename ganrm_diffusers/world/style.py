@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from ganrm_diffusers.images import to_pixels
+from ganrm_diffusers.utils.images import to_pixels
 
 DIGIT_GRID = 8  # scikit-learn's digits are 8x8, values 0..16
 STROKE_GRID = 16  # the world's image size: stroke intensity is read here, before averaging blurs it

@@ -1,0 +1,196 @@
+"""The demo's report: the goals checked from the rows, and report.md written from report.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------------------------------
+# Goals: each claim the README makes, checked from the rows
+
+
+def goals(methods: dict[str, dict], num_candidates: int = 8) -> list[dict]:
+    """The issue's goals, each with the figure, the bar and whether it is met (missing rows are skipped)."""
+    checks = []
+    full, random = methods.get(f"best_of_{num_candidates}"), methods.get("random_candidate")
+    base = methods.get("base")
+
+    def check(name: str, value: float, bar: str, met: bool) -> None:
+        checks.append({"goal": name, "value": value, "bar": bar, "met": bool(met)})
+
+    if full and random:
+        check("best-of-8 style rate / random pick", full["style_ratio"], ">= 3", full["style_ratio"] >= 3)
+    pruned = methods.get(f"best_of_{num_candidates}_pruned")
+    if pruned and full:
+        check(
+            "pruned best-of-8 UNet evaluations / best-of-8", pruned["unet_cost"], "<= 0.5", pruned["unet_cost"] <= 0.5
+        )
+        kept = pruned["style_gain_kept"]
+        check("pruned best-of-8 share of the style gain kept", kept, ">= 0.9", kept >= 0.9)
+    for name in ("dpo", "prdp"):
+        if name in methods:
+            check(f"{name} style rate / base", methods[name]["style_ratio"], ">= 2", methods[name]["style_ratio"] >= 2)
+    if base:
+        for name, row in methods.items():
+            if (
+                name == "base"
+                or name.startswith("random_candidate")
+                or name.endswith("_eta1")
+                or name.startswith("fk_")
+            ):
+                continue  # the eta = 1 rows sample another distribution than base; their baseline is their own
+            for key, points in (("faint_rate", 0.02), ("blank_rate", 0.02), ("class_accuracy", 0.03)):
+                delta = row[key] - base[key]
+                bad = delta > points if key != "class_accuracy" else delta < -points
+                check(f"{name} {key} - base", delta, f"within {points * 100:.0f} points", not bad)
+            check(
+                f"{name} kid_to_target / base",
+                row["kid_to_target"] / base["kid_to_target"],
+                "< 1",
+                row["kid_to_target"] < base["kid_to_target"],
+            )
+            check(
+                f"{name} diversity / base",
+                row["diversity"] / base["diversity"],
+                ">= 0.8",
+                row["diversity"] >= 0.8 * base["diversity"],
+            )
+    return checks
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def _with_interval(row: dict, key: str) -> str:
+    value, interval = row.get(key), row.get(f"{key}_ci95")
+    if value is None:
+        return ""
+    if not interval:
+        return _cell(value)
+    return f"{_cell(value)} [{_cell(interval[0])}, {_cell(interval[1])}]"
+
+
+def methods_table(methods: dict[str, dict]) -> str:
+    columns = ["style_rate", "style_ratio", "faint_rate", "blank_rate", "class_accuracy", "kid_to_target", "diversity"]
+    plain = ["mean_reward", "unet_evaluations", "seconds"]
+    optional = ("unet_cost", "reward_gain_kept", "style_gain_kept", "train_seconds", "peak_rss_mib")
+    plain += [key for key in optional if any(key in row for row in methods.values())]
+    header = ["method", "baseline", *columns, *plain]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, row in methods.items():
+        cells = [name, row.get("baseline", "")]
+        cells += [_with_interval(row, column) for column in columns] + [_cell(row.get(column)) for column in plain]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals_table(checks: list[dict]) -> str:
+    lines = ["| goal | value | bar | met |", "|---|---|---|---|"]
+    lines += [f"| {c['goal']} | {_cell(c['value'])} | {c['bar']} | {'yes' if c['met'] else '**no**'} |" for c in checks]
+    return "\n".join(lines)
+
+
+def _rounds_section(rounds: list[dict] | None) -> str:
+    if not rounds:
+        return ""
+    lines = [
+        "## GAN-RM rounds (row `rounds`)",
+        "Round t trains a fresh discriminator R_t on the target digits against G_t's samples, then DPO on R_t's best"
+        " and worst of 8 fresh candidates gives G_{t+1}; the same total DPO steps as the `dpo` row. AUCs are held"
+        " out: R_t against the G_t it was trained on, R_{t-1} against G_t (how far the generator moved past the last"
+        " discriminator), and R_t against G_0. Judges: G_{t+1} on the evaluation set. Curves: `rounds_curves.png`.",
+        "",
+        "| round | AUC R_t vs G_t | AUC R_{t-1} vs G_t | AUC R_t vs G_0 | style_rate of G_{t+1} | kid_to_target |"
+        " class_accuracy | faint_rate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in rounds:
+        cells = [
+            str(entry["round"]),
+            _cell(entry["auc_vs_current"]),
+            _cell(entry.get("previous_auc_vs_current")),
+            _cell(entry["auc_vs_base"]),
+            _with_interval(entry, "style_rate"),
+            _with_interval(entry, "kid_to_target"),
+            _with_interval(entry, "class_accuracy"),
+            _cell(entry["faint_rate"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _reward_models_table(report: dict) -> str:
+    models = [name for name in ("reward_model", "reward_model_brightness_augmented") if name in report]
+    figures = [
+        ("AUC, held-out target digits vs base samples", lambda rm: rm["auc"]),
+        ("AUC, held-out target digits vs other real digits (the style itself)", lambda rm: rm["auc_style_among_real"]),
+        ("Spearman, reward vs the style's pixel measure (base samples)", lambda rm: rm["spearman_reward_vs_style"]),
+        ("share of other real digits scoring higher dimmed to 90 %", lambda rm: rm["dimmed_scores_higher"]["0.9"]),
+        ("share of other real digits scoring higher dimmed to 80 %", lambda rm: rm["dimmed_scores_higher"]["0.8"]),
+    ]
+    lines = ["| figure | " + " | ".join(f"`{name}`" for name in models) + " |", "|---" * (len(models) + 1) + "|"]
+    for label, value in figures:
+        lines.append(f"| {label} | " + " | ".join(f"{value(report[name]):.3f}" for name in models) + " |")
+    return "\n".join(lines) + f"\n\nTraining `reward_model` took {report['reward_model']['train_seconds']:.1f} s."
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    world, methods = report["world"], report["methods"]
+    tuning = report["settings"]["tuning"]
+    pruning = tuning.get("pruning", {})
+    evaluation = report["evaluation"]
+    augmented = report.get("reward_model_brightness_augmented", {}).get("augmentation", {})
+    augmentation = ", ".join(f"{key} {value}" for key, value in augmented.items())
+    pictures = "\n".join(f"### {name}\n![{name}]({row['grid']})\n" for name, row in methods.items() if row.get("grid"))
+    text = f"""# GAN-RM on the embedded digits world
+
+The world ({world["path"]}) was built in {_cell(world["build_seconds"])} s. Its CLIP was trained on captions
+"{world.get("clip_captions")}" (never the style). The style judge: {(world.get("style") or {}).get("description")}.
+Base samples: style {world["base"]["style_rate"]:.1%}, class {world["base"]["class_accuracy"]:.1%}; held-out real
+target digits: style {world["target"]["style_rate"]:.1%}; other real digits {world["real_other"]["style_rate"]:.1%}, the
+same dimmed to 80 % / 70 %: {world.get("real_other_dimmed_0.8", {}).get("style_rate", float("nan")):.1%} /
+{world.get("real_other_dimmed_0.7", {}).get("style_rate", float("nan")):.1%} (less ink is not thinner strokes).
+
+## The reward models
+`reward_model` is GAN-RM as the paper trains it; every row uses it unless it says otherwise.
+`reward_model_brightness_augmented` adds brightness views of every training image ({augmentation}), so that dimming
+an image cannot raise its reward; row `best_of_8_brightness_augmented_rm` ranks best-of-8's candidates with it.
+
+{_reward_models_table(report)}
+
+## Methods
+Every row is judged on the same {evaluation["prompts"]} evaluation prompts and seeds {evaluation["seed_range"]}
+(candidate j of prompt i has seed first + 8i + j; one-sample rows draw candidate 0's seed). Brackets: 95 % bootstrap
+intervals over the samples. `style_ratio`: style rate over the row's `baseline` on the same prompts (paired
+bootstrap): `random_candidate` (one of the N candidates at random, the same cost as best-of-N, no reward) for the
+selection rows, `base` for the fine-tuned rows. `faint_rate` / `blank_rate`: the cheap ways to use less ink;
+`kid_to_target`: kernel inception distance to the held-out target digits in a digit classifier's feature space
+(`kid_pixels_to_target` in report.json: the same on pixels); `diversity`: mean pairwise distance within each digit.
+
+{methods_table(methods)}
+
+{_rounds_section(report.get("rounds"))}
+## Goals
+{goals_table(report.get("goals", []))}
+
+## Settings chosen on the tuning seeds
+Tuning prompts: {tuning["prompts"]}, seeds {tuning["seed_range"]} (disjoint from the evaluation seeds).
+Pruning schedule: `{pruning.get("chosen")}` ({pruning.get("rule")}); every swept schedule is in report.json
+(`settings.tuning.pruning.swept`). Fine-tuning settings: `settings` of each fine-tuned row; how they were chosen is in
+`settings.tuning.finetune` where a `ganrm demo --tune` run is recorded.
+
+## What each row draws
+A digit per line, the same prompts and seeds in every picture; captions: reward, `T` = has the style, `f` = faint,
+`b` = blank.
+
+{pictures}
+"""
+    (out / "report.md").write_text(text)

@@ -1,0 +1,419 @@
+"""Best-of-N, early pruning and FK resampling in the embedded world: the selection rows of the demo report.
+
+`selection_runs` runs every method on the same prompts with the same candidate seeds (candidate j of prompt i has
+seed `seeds[i * N + j]` in every method, so differences between methods are not sampling noise) and returns what each
+selected, with its cost; the demo judges the images. Runs:
+
+- `best_of_8`: full best-of-N (N = `num_candidates`, 8 by default), keeping every candidate;
+- `best_of_8_pruned`: best-of-N with the given `PruneSchedule` (chosen on tuning seeds by `pruning_sweep`);
+- with `stochastic=True`, `best_of_8_eta1`, `best_of_8_pruned_eta1`, `fk_resample_same_cost_as_pruned` and
+  `fk_4_particles`: Feynman-Kac-style resampling needs a stochastic sampler, so FK is compared with best-of-N and
+  pruning run with the same DDIM eta = 1 and the same seeds.
+
+`random_pick` turns a full run into the `random_candidate` row: one of the N candidates of each prompt, drawn
+uniformly with a fixed seed, the same cost as best-of-N and no reward. `pruning_sweep` simulates many pruning
+schedules from one probe run, for choosing a schedule on tuning seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ganrm_diffusers.generation.pipeline import RewardGuidedPipeline
+from ganrm_diffusers.generation.pruning import FKResampling, PruneSchedule, count_unet_rows
+from ganrm_diffusers.generation.selection import select_top_k
+from ganrm_diffusers.reward.model import GANRewardModel
+
+# Pruning schedules the demo's sweep compares on tuning seeds, each at most half the UNet evaluations of best-of-8.
+PRUNE_CANDIDATES: dict[str, PruneSchedule] = {
+    "8to2_at30": PruneSchedule(at=(0.3,), keep=(0.25,)),
+    "8to4to2_at20_40": PruneSchedule(at=(0.2, 0.4), keep=(0.5, 0.5)),
+    "8to3_at20": PruneSchedule(at=(0.2,), keep=(0.375,)),
+    "8to1_at40": PruneSchedule(at=(0.4,), keep=(0.125,)),
+    "8to4_at10_then_2_at30": PruneSchedule(at=(0.1, 0.3), keep=(0.5, 0.5)),
+    "8to2_at20": PruneSchedule(at=(0.2,), keep=(0.25,)),
+}
+
+
+@dataclass
+class _Run:
+    """One method over all prompts: the selected images (NCHW in [0, 1], CPU), their rewards, all candidates'
+    rewards when they were all finished, the UNet rows and the seconds it took."""
+
+    images: torch.Tensor
+    scores: torch.Tensor
+    candidate_scores: torch.Tensor | None
+    candidate_images: torch.Tensor | None
+    unet_rows: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def _run(
+    pipe: RewardGuidedPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    num_candidates: int,
+    prompts_per_call: int,
+    keep_candidates: bool,
+    progress: bool,
+    description: str,
+    **call_kwargs: object,
+) -> _Run:
+    images, scores, candidate_scores, candidate_images, rows, seconds = [], [], [], [], 0, 0.0
+    for start in tqdm(range(0, len(prompts), prompts_per_call), desc=description, disable=not progress, leave=False):
+        part = prompts[start : start + prompts_per_call]
+        part_seeds = seeds[start * num_candidates : (start + len(part)) * num_candidates]
+        begin = time.perf_counter()
+        with count_unet_rows(pipe.unet) as counter:
+            output = pipe(
+                part,
+                num_candidates=num_candidates,
+                seeds=part_seeds,
+                output_type="pt",
+                return_candidates=keep_candidates,
+                **call_kwargs,
+            )
+        seconds += time.perf_counter() - begin
+        rows += counter[0]
+        images.append(output.images.cpu())
+        scores.append(output.scores)
+        if keep_candidates:
+            candidate_scores.append(output.candidate_scores)
+            candidate_images.append(output.candidates.cpu())
+    return _Run(
+        images=torch.cat(images),
+        scores=torch.cat(scores),
+        candidate_scores=torch.cat(candidate_scores) if keep_candidates else None,
+        candidate_images=torch.cat(candidate_images) if keep_candidates else None,
+        unet_rows=rows,
+        seconds=seconds,
+    )
+
+
+def selection_runs(
+    pipeline: str | Path | RewardGuidedPipeline,
+    reward_model: GANRewardModel,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    schedule: PruneSchedule,
+    num_candidates: int = 8,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 2.0,
+    stochastic: bool = True,
+    fk_lambda: float = 2.0,
+    prompts_per_call: int = 50,
+    progress: bool = True,
+) -> dict[str, _Run]:
+    """The runs of the module docstring on `prompts`, candidate j of prompt i drawn from `seeds[i * N + j]`."""
+    if len(seeds) != len(prompts) * num_candidates:
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts x {num_candidates} candidates")
+    pipe = _reward_guided(pipeline, reward_model)
+    name = f"best_of_{num_candidates}"
+    common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+
+    def run(description: str, keep_candidates: bool = False, candidates: int = num_candidates, **kwargs) -> _Run:
+        # Fewer particles: the first seeds of each prompt's candidates.
+        run_seeds = [
+            s for i in range(len(prompts)) for s in seeds[i * num_candidates : i * num_candidates + candidates]
+        ]
+        result = _run(
+            pipe,
+            prompts,
+            run_seeds,
+            candidates,
+            prompts_per_call,
+            keep_candidates,
+            progress,
+            description,
+            **common,
+            **kwargs,
+        )
+        prune = kwargs.get("prune")
+        return replace(
+            result,
+            extra={
+                **({"eta": kwargs["eta"]} if "eta" in kwargs else {}),
+                **({"prune": _describe(prune)} if prune is not None else {}),
+                **({"particles": candidates} if candidates != num_candidates else {}),
+            },
+        )
+
+    runs = {name: run(name, keep_candidates=True), f"{name}_pruned": run(f"{name} pruned", prune=schedule)}
+    if stochastic:
+        runs[f"{name}_eta1"] = run(f"{name} eta=1", keep_candidates=True, eta=1.0)
+        runs[f"{name}_pruned_eta1"] = run(f"{name} pruned eta=1", prune=schedule, eta=1.0)
+        same_cost = FKResampling(at=schedule.at, keep=schedule.keep, lambda_=fk_lambda)
+        runs["fk_resample_same_cost_as_pruned"] = run("FK same cost", prune=same_cost, eta=1.0)
+        half = num_candidates // 2
+        particles = FKResampling(at=(0.2, 0.4, 0.6), lambda_=fk_lambda)
+        runs[f"fk_{half}_particles"] = run(f"FK {half} particles", candidates=half, prune=particles, eta=1.0)
+    return runs
+
+
+def random_pick(full: _Run, num_candidates: int, seed: int = 0) -> _Run:
+    """One of the N candidates of each prompt, drawn uniformly (fixed seed): what the base model gives at the cost
+    of best-of-N, with no reward involved."""
+    prompts = len(full.scores)
+    picks = torch.from_numpy(np.random.default_rng(seed).integers(0, num_candidates, prompts))
+    index = torch.arange(prompts) * num_candidates + picks
+    return _Run(
+        images=full.candidate_images[index],
+        scores=full.candidate_scores[index],
+        candidate_scores=None,
+        candidate_images=None,
+        unet_rows=full.unet_rows,
+        seconds=full.seconds,
+        extra={**full.extra, "picked_candidates": picks.tolist()[:10]},
+    )
+
+
+def choose_schedule(swept: dict[str, dict], max_cost: float = 0.5) -> str:
+    """The swept schedule a user could choose without a judge: the largest share of best-of-N's reward gain kept
+    within `max_cost` of its UNet evaluations (ties: the cheaper)."""
+    affordable = {name: row for name, row in swept.items() if "prune" in row and row["unet_cost"] <= max_cost + 1e-9}
+    if not affordable:
+        raise ValueError(f"no swept schedule costs at most {max_cost} of best-of-N")
+    return max(affordable, key=lambda name: (affordable[name]["reward_gain_kept"], -affordable[name]["unet_cost"]))
+
+
+def _gains_kept(row: dict, full_row: dict, baseline: dict) -> dict:
+    """The shares of full best-of-N's reward and style gains over `baseline` (random candidates) that `row` keeps."""
+
+    def kept(key: str) -> float:
+        full_gain = full_row[key] - baseline[key]
+        return (row[key] - baseline[key]) / full_gain if full_gain else float("nan")
+
+    return {"reward_gain_kept": kept("mean_reward"), "style_gain_kept": kept("style_rate")}
+
+
+@dataclass
+class _Probe:
+    """Every candidate of a best-of-N run with the reward of its x0 prediction at checkpoints (steps done ->
+    (prompts, N)), its final reward, and what the judges say of its final image (both (prompts, N))."""
+
+    checkpoint_scores: dict[int, torch.Tensor]
+    final_scores: torch.Tensor
+    has_style: torch.Tensor
+    correct: torch.Tensor
+    num_steps: int
+
+
+def _probe(
+    pipe: RewardGuidedPipeline,
+    judges: object | None,
+    prompts_per_digit: int,
+    num_candidates: int,
+    fractions: tuple[float, ...],
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    prompts_per_call: int,
+    progress: bool = True,
+) -> _Probe:
+    """One best-of-N run that also scores every candidate's x0 prediction at `fractions` of the steps (a
+    `PruneSchedule` that keeps everything), with the seeds `selection_runs` uses (candidate j of prompt i: seed + i * N + j)."""
+    from ganrm_diffusers.world.generator import prompt_for
+
+    digits = np.repeat(np.arange(10), prompts_per_digit)
+    prompts = [prompt_for(int(digit)) for digit in digits]
+    probe = PruneSchedule(at=fractions, keep=(1.0,) * len(fractions))
+    early: dict[int, list[torch.Tensor]] = {}
+    final, has_style, correct = [], [], []
+    for start in tqdm(range(0, len(prompts), prompts_per_call), desc="probe", disable=not progress, leave=False):
+        part = prompts[start : start + prompts_per_call]
+        output = pipe(
+            part,
+            num_candidates=num_candidates,
+            seed=seed + start * num_candidates,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            output_type="pt" if judges is not None else "latent",
+            prune=probe,
+            return_candidates=True,
+        )
+        final.append(output.candidate_scores.view(len(part), num_candidates))
+        for steps, scores in output.checkpoint_scores.items():
+            early.setdefault(steps, []).append(scores.view(len(part), num_candidates))
+        if judges is not None:
+            images = output.candidates.cpu()
+            expected = np.repeat(digits[start : start + len(part)], num_candidates)
+            has_style.append(judges.has_style(images).view(len(part), num_candidates))
+            predicted = torch.as_tensor(np.asarray(judges.predict_digits(images)) == expected)
+            correct.append(predicted.view(len(part), num_candidates))
+    return _Probe(
+        checkpoint_scores={steps: torch.cat(parts) for steps, parts in sorted(early.items())},
+        final_scores=torch.cat(final),
+        has_style=torch.cat(has_style) if has_style else torch.empty(0),
+        correct=torch.cat(correct) if correct else torch.empty(0),
+        num_steps=num_inference_steps,
+    )
+
+
+def _simulated_choice(schedule: PruneSchedule, probe: _Probe) -> torch.Tensor:
+    """The candidate (per prompt) that `schedule` with top_k = 1 would return, from the probe's scores alone.
+
+    Exact for a deterministic sampler: a survivor's trajectory does not depend on the others, so its x0 rewards
+    and final reward are those of the probe run (up to float noise of batch composition)."""
+    prompts, candidates = probe.final_scores.shape
+    run = schedule.start(probe.num_steps, 1, list(range(prompts * candidates)), candidates)
+    live = torch.arange(candidates).repeat(prompts, 1)
+    for step in sorted(run.checkpoints):
+        scores = torch.gather(probe.checkpoint_scores[step + 1], 1, live)
+        live = torch.gather(live, 1, run.survivors(step, scores).parents)
+    final = torch.gather(probe.final_scores, 1, live)
+    best = select_top_k(final.flatten(), 1, group_size=live.shape[1]).selected % live.shape[1]
+    return torch.gather(live, 1, best.view(prompts, 1)).squeeze(1)
+
+
+def pruning_sweep(
+    pipeline: str | Path | RewardGuidedPipeline,
+    reward_model: GANRewardModel,
+    judges: object,
+    schedules: dict[str, PruneSchedule],
+    *,
+    prompts_per_digit: int = 50,
+    num_candidates: int = 8,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 2.0,
+    prompts_per_call: int = 50,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Many pruning settings from one probe run (for choosing a default): the rows that `selection_runs` would
+    measure for each schedule (top_k = 1), simulated from every candidate's x0 and final rewards, with the UNet
+    cost computed from the schedule. Also `best_of_{N}` and `random_candidate` from the same run."""
+    pipe = _reward_guided(pipeline, reward_model)
+    fractions = tuple(sorted({fraction for schedule in schedules.values() for fraction in schedule.at}))
+    probe = _probe(
+        pipe,
+        judges,
+        prompts_per_digit,
+        num_candidates,
+        fractions,
+        seed,
+        num_inference_steps,
+        guidance_scale,
+        prompts_per_call,
+        progress,
+    )
+    prompts = probe.final_scores.shape[0]
+    rows_index = torch.arange(prompts)
+    baseline = {
+        "style_rate": float(probe.has_style.float().mean()),
+        "class_accuracy": float(probe.correct.float().mean()),
+        "mean_reward": float(probe.final_scores.mean()),
+    }
+
+    def row(chosen: torch.Tensor, cost: float) -> dict:
+        values = {
+            "style_rate": float(probe.has_style[rows_index, chosen].float().mean()),
+            "class_accuracy": float(probe.correct[rows_index, chosen].float().mean()),
+            "mean_reward": float(probe.final_scores[rows_index, chosen].mean()),
+            "unet_cost": cost,
+        }
+        values["reward_gain"] = values["mean_reward"] - baseline["mean_reward"]
+        return values
+
+    full = row(probe.final_scores.argmax(dim=1), 1.0)
+    rows = {"random_candidate": {**baseline, "reward_gain": 0.0}, f"best_of_{num_candidates}": full}
+    for label, schedule in schedules.items():
+        simulated = row(_simulated_choice(schedule, probe), schedule.cost_fraction(num_candidates, num_inference_steps))
+        rows[label] = {**simulated, **_gains_kept(simulated, full, baseline), "prune": _describe(schedule)}
+    return rows
+
+
+def early_reward_agreement(
+    pipeline: str | Path | RewardGuidedPipeline,
+    reward_model: GANRewardModel,
+    *,
+    prompts_per_digit: int = 20,
+    num_candidates: int = 8,
+    fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 2.0,
+    prompts_per_call: int = 50,
+) -> dict[str, dict]:
+    """How well the reward of the x0 prediction after a fraction of the steps predicts the final reward (what
+    pruning relies on). Per fraction: the mean within-prompt Spearman correlation of early and final rewards, and
+    how often each prompt's finally best candidate is among the best half / quarter by early reward."""
+    probe = _probe(
+        _reward_guided(pipeline, reward_model),
+        None,
+        prompts_per_digit,
+        num_candidates,
+        fractions,
+        seed,
+        num_inference_steps,
+        guidance_scale,
+        prompts_per_call,
+        progress=False,
+    )
+    best = probe.final_scores.argmax(dim=1, keepdim=True)
+    rows = {}
+    for steps, early_scores in probe.checkpoint_scores.items():
+        order = early_scores.argsort(dim=1, descending=True)
+        rank_of_best = (order == best).float().argmax(dim=1)
+        rows[f"after_{steps}_of_{num_inference_steps}_steps"] = {
+            "fraction": steps / num_inference_steps,
+            "spearman": float(_rank_correlation(early_scores, probe.final_scores).mean()),
+            "best_in_top_half": float((rank_of_best < num_candidates // 2).float().mean()),
+            "best_in_top_quarter": float((rank_of_best < max(1, num_candidates // 4)).float().mean()),
+        }
+    return rows
+
+
+def _rank_correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation of each row pair (no ties in continuous rewards)."""
+    ranks = [values.argsort(dim=1).argsort(dim=1).float() for values in (first, second)]
+    centred = [rank - rank.mean(dim=1, keepdim=True) for rank in ranks]
+    return (centred[0] * centred[1]).sum(1) / (centred[0].norm(dim=1) * centred[1].norm(dim=1))
+
+
+def _reward_guided(pipeline: str | Path | RewardGuidedPipeline, reward_model: GANRewardModel) -> RewardGuidedPipeline:
+    if isinstance(pipeline, (str, Path)):
+        pipe = RewardGuidedPipeline.from_pretrained(pipeline, reward_model=reward_model)
+    else:
+        pipe = RewardGuidedPipeline.from_pipe(pipeline, reward_model=reward_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _describe(schedule: PruneSchedule | FKResampling) -> dict:
+    description = {"kind": type(schedule).__name__, "at": list(schedule.at), "keep": list(schedule.keep)}
+    if isinstance(schedule, FKResampling):
+        description.update(lambda_=schedule.lambda_, potential=schedule.potential)
+    return description
+
+
+def format_rows(rows: dict[str, dict]) -> str:
+    """A plain-text table of the rows (for the terminal and the report)."""
+    columns = [
+        "style_rate",
+        "class_accuracy",
+        "mean_reward",
+        "reward_gain",
+        "unet_cost",
+        "reward_gain_kept",
+        "style_gain_kept",
+        "unet_evaluations",
+        "seconds",
+    ]
+    lines = ["method".ljust(34) + "".join(column[:16].rjust(17) for column in columns)]
+    for label, values in rows.items():
+        cells = []
+        for column in columns:
+            value = values.get(column)
+            cells.append(
+                ("-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)).rjust(17)
+            )
+        lines.append(label.ljust(34) + "".join(cells))
+    return "\n".join(lines)

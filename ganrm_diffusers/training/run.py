@@ -1,0 +1,296 @@
+"""A fine-tuning run: set-up (accelerate, the pipeline, the LoRA, the shared sampler, the reward model),
+optimizer, checkpoints and resume, metrics, and the finished outputs (the LoRA in diffusers and kohya/ComfyUI
+format, metrics.json, curves.png).
+
+Distributed runs (`accelerate launch --num_processes P`) split every optimizer step's examples across processes;
+the examples of a step, their noise and their timesteps depend only on the seed, the epoch and the example, so P
+processes with gradient accumulation A train like one process with accumulation P * A.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ganrm_diffusers.generation.lora import add_lora, save_lora, unwrap_model
+from ganrm_diffusers.generation.sampling import DDIMLogProbSampler
+from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError
+from ganrm_diffusers.training.state import (
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from ganrm_diffusers.utils.atomic import write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+
+logger = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "metrics.json"
+CURVES_NAME = "curves.png"
+DATA_DIR = "data"
+PROMPT_CACHE_SIZE = 4096  # prompts whose text-encoder outputs a run keeps (SD 1.5: about 0.24 MB each)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Set-up
+
+
+@dataclass
+class FinetuneRun:
+    """Everything a trainer works with. `unet` is the accelerate-prepared (possibly DDP-wrapped) UNet with its LoRA;
+    `model` the bare one. The pipeline's own UNet is that same bare UNet, so sampling uses the current weights."""
+
+    config: FinetuneConfig
+    accelerator: object
+    pipe: object
+    unet: torch.nn.Module
+    sampler: DDIMLogProbSampler
+    text_encoder: DDIMLogProbSampler  # the same pipeline without guidance: encodes training prompts, no negatives
+    noise_scheduler: object
+    reward_model: object | None
+    weight_dtype: torch.dtype
+    output_dir: Path
+    metrics: MetricsLog
+    started: float = field(default_factory=time.perf_counter)
+    prompt_cache: dict = field(default_factory=dict)  # prompt -> its Conditioning, oldest first
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return unwrap_model(self.unet)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+
+def setup_run(config: FinetuneConfig, *, pipe=None, reward_model=None, accelerator=None) -> FinetuneRun:
+    """Load the pipeline (or use `pipe`), add the LoRA, load the reward model (or use `reward_model`), prepare the
+    UNet for accelerate. The frozen weights take the mixed-precision dtype, the LoRA stays float32."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    config.check()
+    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if pipe is None:
+        try:
+            pipe = DiffusionPipeline.from_pretrained(config.pretrained_model)
+        except (OSError, ValueError) as error:
+            raise TrainingConfigError(f"cannot load the pipeline {config.pretrained_model}: {error}") from error
+    for name in ("unet", "vae"):
+        if getattr(pipe, name, None) is None:
+            raise TrainingConfigError(f"{config.pretrained_model} has no {name}: the trainers need SD 1.x/2.x or SDXL")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(accelerator.device)
+    if weight_dtype != torch.float32:
+        pipe.to(dtype=weight_dtype)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
+    unet = pipe.unet
+    set_seed(config.seed)  # the LoRA's initial weights, and any randomness a trainer draws from the global RNGs
+    if not hasattr(unet, "peft_config"):
+        targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
+        add_lora(unet, rank=config.lora_rank, alpha=config.lora_alpha, target_modules=targets)
+    for parameter in unet.parameters():
+        if parameter.requires_grad:  # trained weights in float32 whatever the frozen weights' dtype
+            parameter.data = parameter.data.float()
+    if reward_model is None and config.reward_model:
+        from ganrm_diffusers.reward.model import GANRewardModel
+
+        reward_model = GANRewardModel.from_pretrained(config.reward_model)
+    if reward_model is not None:
+        reward_model.to(accelerator.device).eval()
+    sampler = DDIMLogProbSampler(
+        pipe,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        eta=config.eta,
+        chunk_size=config.sample_batch_size,
+    )
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return FinetuneRun(
+        config=config,
+        accelerator=accelerator,
+        pipe=pipe,
+        unet=accelerator.prepare(unet),
+        sampler=sampler,
+        text_encoder=DDIMLogProbSampler(pipe, num_inference_steps=1, guidance_scale=1.0),
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        reward_model=reward_model,
+        weight_dtype=weight_dtype,
+        output_dir=output_dir,
+        metrics=MetricsLog(output_dir / METRICS_NAME, accelerator.is_main_process),
+    )
+
+
+def make_optimizer(run: FinetuneRun, num_training_steps: int):
+    """AdamW over the LoRA and the learning-rate schedule; the schedule is stepped once per optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    config = run.config
+    optimizer = torch.optim.AdamW(
+        run.trainable_parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=num_training_steps,
+    )
+    return run.accelerator.prepare(optimizer), lr_scheduler
+
+
+def resume_if_asked(run: FinetuneRun, optimizer, lr_scheduler, output_dir: Path | None = None) -> dict | None:
+    """Restore the checkpoint `--resume` names into the run (None when starting afresh); checks that it belongs to
+    a run with the same data-defining settings."""
+    output_dir = output_dir or run.output_dir
+    if not run.config.resume and list_checkpoints(output_dir):
+        raise TrainingConfigError(
+            f"{output_dir} holds checkpoints of an earlier run: continue it with --resume latest, or train into "
+            "another output_dir"
+        )
+    folder = resolve_resume(output_dir, run.config.resume)
+    if folder is None:
+        if run.config.resume:
+            run.print(f"no checkpoint in {output_dir}: starting a new run")
+        run.metrics.truncate(-1)  # a new run: forget the records of an earlier, checkpoint-less attempt
+        return None
+    recorded = read_checkpoint_state(folder).get("config", {})
+    differing = [key for key in run.config.RESUME_KEYS if key in recorded and recorded[key] != getattr(run.config, key)]
+    if differing:
+        shown = ", ".join(f"{key}: {recorded[key]!r} there, {getattr(run.config, key)!r} now" for key in differing)
+        raise TrainingConfigError(f"{folder} belongs to a run with other settings ({shown})")
+    state = load_checkpoint(run.accelerator, folder, run.unet, optimizer, lr_scheduler)
+    run.metrics.truncate(state["step"])
+    run.print(f"resumed from {folder} (step {state['step']})")
+    return state
+
+
+def checkpoint(run: FinetuneRun, step: int, optimizer, lr_scheduler, state: dict, output_dir: Path | None = None):
+    save_checkpoint(
+        run.accelerator,
+        output_dir or run.output_dir,
+        step,
+        run.unet,
+        optimizer,
+        lr_scheduler,
+        {**state, "config": asdict(run.config)},
+        total_limit=run.config.checkpoints_total_limit,
+    )
+
+
+def optimizer_step(run: FinetuneRun, optimizer, lr_scheduler) -> float:
+    """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+    norm = float("nan")
+    if run.config.max_grad_norm > 0:
+        norm = float(run.accelerator.clip_grad_norm_(run.trainable_parameters(), run.config.max_grad_norm))
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics and outputs
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per optimizer step (PRDP: per epoch), written by the main process."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def truncate(self, step: int) -> None:
+        """Forget what a killed run logged after the checkpoint it resumes from (-1: everything)."""
+        if self.enabled and self.path.is_file():
+            kept = [record for record in self.records() if record.get("step", 0) <= step]
+            text = "".join(json.dumps(record) + "\n" for record in kept)
+            write_text_atomic(self.path, text)
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (VmHWM, MiB) and, on a GPU, peak allocated CUDA memory (MiB)."""
+    memory = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                memory["peak_rss_mib"] = int(line.split()[1]) / 1024
+    except OSError:
+        import resource
+
+        memory["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        memory["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return memory
+
+
+def finish_run(
+    run: FinetuneRun,
+    curves: Sequence[tuple[str, Sequence[str]]],
+    summary: dict | None = None,
+    x_key: str = "step",
+) -> dict:
+    """Write the LoRA (diffusers + ComfyUI files), metrics.json and curves.png (`curves`: panel title and metric
+    keys, against `x_key`); returns the summary."""
+    run.accelerator.wait_for_everyone()
+    summary = {
+        "method": run.config.method,
+        "config": asdict(run.config),
+        "seconds": time.perf_counter() - run.started,
+        **peak_memory(),
+        **(summary or {}),
+    }
+    if run.is_main:
+        diffusers_path, comfyui_path = save_lora(run.unet, run.output_dir, pretrained_model=run.config.pretrained_model)
+        summary["lora"] = {"diffusers": str(diffusers_path), "comfyui": str(comfyui_path)}
+        records = run.metrics.records()
+        summary["final"] = records[-1] if records else {}
+        write_json_atomic(run.output_dir / SUMMARY_NAME, summary)
+        if records:
+            from ganrm_diffusers.utils.plots import plot_metric_curves
+
+            title = f"{run.config.method} fine-tuning"
+            plot_metric_curves(records, curves, run.output_dir / CURVES_NAME, title=title, x_key=x_key)
+    run.accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,2 @@
+"""Shared utilities with no knowledge of reward models or generators: errors, atomic writes, image input, cache
+paths, plots."""
