@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -28,12 +29,12 @@ def trained(tmp_path_factory, tiny_backbone, property_folders) -> Path:
             "--positives", str(property_folders["positives"]),
             "--negatives", str(property_folders["negatives"]),
             "--pool", str(property_folders["pool"]),
-            "--rounds", "1",
-            "--bootstrap-m", "8",
+            "--bootstrap_rounds", "1",
+            "--bootstrap_m", "8",
             "--out", str(out),
             "--backbone", tiny_backbone,
             "--pretrained", "none",
-            "--hidden-sizes", "32",
+            "--hidden_sizes", "32",
             "--device", "cpu",
             "--description", "noise with a red square",
         ]
@@ -44,7 +45,7 @@ def trained(tmp_path_factory, tiny_backbone, property_folders) -> Path:
 
 @pytest.mark.parametrize(
     ("command", "expected"),
-    [([], "train-rm"), (["train-rm"], "--positives"), (["score"], "--model"), (["push"], "--repo-id")],
+    [([], "train-rm"), (["train-rm"], "--positives"), (["score"], "--model"), (["push"], "--repo_id")],
 )
 def test_every_command_has_help(command, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -110,10 +111,10 @@ def test_rounds_without_a_pool_is_an_error(tmp_path, tiny_backbone, property_fol
         [
             "train-rm", "--positives", str(property_folders["positives"]),
             "--negatives", str(property_folders["negatives"]), "--out", str(tmp_path / "out"),
-            "--backbone", tiny_backbone, "--rounds", "2", "--device", "cpu",
+            "--backbone", tiny_backbone, "--bootstrap_rounds", "2", "--device", "cpu",
         ]
     )  # fmt: skip
-    assert code == 2 and "--rounds needs --pool" in capsys.readouterr().err
+    assert code == 2 and "--bootstrap_rounds needs --pool" in capsys.readouterr().err
 
 
 def test_a_real_architecture_with_random_weights(tmp_path, property_folders):
@@ -126,7 +127,7 @@ def test_a_real_architecture_with_random_weights(tmp_path, property_folders):
     code = main(
         [
             "train-rm", "--positives", str(positives), "--negatives", str(negatives), "--out", str(tmp_path / "rm"),
-            "--backbone", "ViT-B-32", "--pretrained", "none", "--epochs", "5", "--device", "cpu",
+            "--backbone", "ViT-B-32", "--pretrained", "none", "--max_epochs", "5", "--device", "cpu",
         ]
     )  # fmt: skip
     assert code == 0
@@ -147,7 +148,7 @@ def test_push_uploads_the_folder(trained, monkeypatch, capsys):
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: Repo())
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    assert main(["push", "--model", str(trained), "--repo-id", "someone/ganrm-red"]) == 0
+    assert main(["push", "--model", str(trained), "--repo_id", "someone/ganrm-red"]) == 0
     assert set(uploaded) == {"config.json", "model.safetensors", "README.md"}
     assert uploaded["model.safetensors"] == (trained / "model.safetensors").read_bytes()
     assert "someone/ganrm-red" in capsys.readouterr().out
@@ -162,9 +163,9 @@ def test_negatives_sampled_from_a_pipeline(reduced_world, tmp_path, capsys):
         "--positives", str(reduced_world.target_dir),
         "--pipeline", str(reduced_world.pipeline_dir),
         "--prompts", str(prompts),
-        "--negatives-per-prompt", "8",
-        "--num-inference-steps", "2",
-        "--min-images", "8",
+        "--negatives_per_prompt", "8",
+        "--num_inference_steps", "2",
+        "--min_images_per_class", "8",
         "--out", str(out),
         "--backbone", reduced_world.backbone,
         "--pretrained", "none",
@@ -186,3 +187,47 @@ def test_negatives_sampled_from_a_pipeline(reduced_world, tmp_path, capsys):
 def test_train_rm_without_negatives_or_pipeline_is_an_error(tmp_path, property_folders, capsys):
     code = main(["train-rm", "--positives", str(property_folders["positives"]), "--out", str(tmp_path / "rm")])
     assert code != 0 and "--pipeline and --prompts" in capsys.readouterr().err
+
+
+def _option_parsers():
+    """Every parser of `ganrm` (each sub-command) and of each trainer (`ganrm train METHOD`)."""
+    from ganrm_diffusers.cli.main import build_parser
+    from ganrm_diffusers.cli.train import METHODS, method_parser
+
+    root = build_parser()
+    commands = next(action for action in root._actions if isinstance(action, argparse._SubParsersAction))
+    yield from commands.choices.items()
+    for method in METHODS:
+        yield f"train {method}", method_parser(method)[0]
+
+
+def test_every_command_spells_its_options_one_way():
+    """snake_case everywhere (as diffusers' scripts and accelerate); kebab-case only as a second, older spelling."""
+    seen = 0
+    for name, parser in _option_parsers():
+        for action in parser._actions:
+            long_options = [option for option in action.option_strings if option.startswith("--")]
+            if not long_options or long_options[0] == "--help":
+                continue
+            canonical = long_options[0]
+            assert "-" not in canonical[2:], f"`{name}` option {canonical} is not snake_case"
+            assert canonical[2:] == action.dest, f"`{name}` option {canonical} stores into {action.dest}"
+            seen += 1
+    assert seen > 100
+
+
+def test_old_kebab_spellings_still_work_with_a_warning(property_folders, tiny_backbone, tmp_path, capsys):
+    from ganrm_diffusers.cli.main import build_parser
+
+    parser = build_parser()
+    old = parser.parse_args(
+        ["train-rm", "--positives", "p", "--out", "o", "--epochs", "7", "--hidden-sizes", "8,4", "--prompt-aware"]
+    )
+    new = parser.parse_args(
+        ["train-rm", "--positives", "p", "--out", "o", "--max_epochs", "7", "--hidden_sizes", "8,4", "--prompt_aware"]
+    )
+    assert vars(old) == vars(new)
+    assert old.max_epochs == 7 and old.hidden_sizes == (8, 4) and old.prompt_aware is True
+    err = capsys.readouterr().err
+    for before, after in (("--epochs", "--max_epochs"), ("--hidden-sizes", "--hidden_sizes")):
+        assert f"{before} is deprecated and will be removed in the next release: use {after}" in err

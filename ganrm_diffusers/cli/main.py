@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ganrm_diffusers.utils.errors import GanrmError
+from ganrm_diffusers.utils.options import OptionParser
 
 # Modules that add sub-commands. Each exposes `add_commands(subparsers)`; every sub-command stores its
 # handler in `func` (a callable taking the parsed namespace and returning an exit code).
@@ -22,12 +23,12 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OptionParser(
         prog="ganrm",
         description="GAN-RM: reward models from a few hundred target images, and reward-guided generation.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OptionParser)
     subparsers.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(subparsers)

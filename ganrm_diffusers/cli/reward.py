@@ -17,6 +17,7 @@ from ganrm_diffusers.reward.training import RewardTrainingConfig, fit_reward_mod
 from ganrm_diffusers.utils.atomic import save_png_atomic, write_text_atomic
 from ganrm_diffusers.utils.errors import GanrmError
 from ganrm_diffusers.utils.images import list_image_files, load_image_folder
+from ganrm_diffusers.utils.options import add_config_arguments, add_option, config_from_args, int_list
 from ganrm_diffusers.utils.plots import score_grid
 
 
@@ -24,82 +25,52 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    defaults = RewardTrainingConfig()
     train = subparsers.add_parser(
         "train-rm",
         help="train a GAN-RM reward model from target images and generated images",
         description="Train a GAN-RM: a frozen open_clip encoder + MLP head that tells target images (positives) "
         "from your model's generations (negatives). Writes the checkpoint, metrics.json and training_curves.png.",
     )
-    train.add_argument("--positives", required=True, type=Path, help="folder of target images (a few hundred)")
-    train.add_argument("--negatives", type=Path, help="folder of images your model generates today")
+    add_option(train, "positives", required=True, type=Path, help="folder of target images (a few hundred)")
+    add_option(train, "negatives", type=Path, help="folder of images your model generates today")
     sample = train.add_argument_group(
         "negatives sampled here (instead of --negatives)",
         "Sample the negatives from your diffusers pipeline: they are written to OUT/negatives (with metadata.jsonl) "
         "and kept, so a second run reuses them.",
     )
-    sample.add_argument("--pipeline", help="diffusers pipeline folder or Hub id to sample the negatives from")
-    sample.add_argument("--prompts", type=Path, help="text file, one prompt per line")
-    sample.add_argument("--negatives-per-prompt", type=int, default=4)
-    sample.add_argument("--num-inference-steps", type=int, default=30)
-    sample.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
-    train.add_argument(
-        "--pool", type=Path, help="folder of further generations for bootstrapping rounds (split across --rounds)"
+    add_option(sample, "pipeline", help="diffusers pipeline folder or Hub id to sample the negatives from")
+    add_option(sample, "prompts", type=Path, help="text file, one prompt per line")
+    add_option(sample, "negatives_per_prompt", type=int, default=4)
+    add_option(sample, "num_inference_steps", type=int, default=30)
+    add_option(sample, "guidance_scale", type=float, help="default: the pipeline's")
+    add_option(
+        train, "pool", type=Path, help="folder of further generations for bootstrapping rounds (split across rounds)"
     )
-    train.add_argument("--out", required=True, type=Path, help="output folder for the reward model")
-    train.add_argument("--backbone", default=DEFAULT_BACKBONE, help="open_clip model name, or local-dir:/hf-hub: path")
-    train.add_argument(
-        "--pretrained",
+    add_option(train, "out", required=True, type=Path, help="output folder for the reward model")
+    model = train.add_argument_group("the reward model")
+    add_option(model, "backbone", default=DEFAULT_BACKBONE, help="open_clip model name, or local-dir:/hf-hub: path")
+    add_option(
+        model,
+        "pretrained",
         default=DEFAULT_PRETRAINED,
         help="open_clip pretrained tag, a weights file, or 'none' for random weights (tests, offline trials)",
     )
-    train.add_argument("--hidden-sizes", type=_sizes, default=(512, 128), help="head hidden sizes, e.g. 512,128")
-    train.add_argument("--dropout", type=float, default=0.1)
-    train.add_argument(
-        "--prompt-aware",
-        action="store_true",
+    add_option(model, "hidden_sizes", type=int_list, default=(512, 128), help="head hidden sizes, e.g. 512,128")
+    add_option(model, "dropout", type=float, default=0.1)
+    add_option(
+        model,
+        "prompt_aware",
+        flag=True,
         help="the head also sees the prompt: every image of --positives, --negatives and --pool needs its real "
         "prompt in a metadata.jsonl (file_name + prompt or text, as `ganrm sample` writes; sampled negatives get "
         "one); an image without one is an error, or the head could separate the sides by their text alone",
     )
-    train.add_argument("--rounds", type=int, default=0, help="rank-based bootstrapping rounds (needs --pool)")
-    train.add_argument("--bootstrap-m", type=int, default=defaults.bootstrap_m, help="top-M / bottom-M per round")
-    train.add_argument(
-        "--bootstrap-alpha", type=float, default=defaults.bootstrap_alpha, help="soft label exp(-alpha*rank)"
-    )
-    train.add_argument(
-        "--augment-copies",
-        type=int,
-        default=defaults.augment_copies,
-        help="brightness-scaled views of each training image, both sides (0: none). The head then cannot prefer "
-        "images for being dimmer or brighter alone; leave it off when the target style is a brightness",
-    )
-    train.add_argument(
-        "--brightness-jitter",
-        type=float,
-        default=defaults.brightness_jitter,
-        help="each view's gain is uniform in [1 - jitter, 1 + jitter]",
-    )
-    train.add_argument("--epochs", type=int, default=defaults.max_epochs, help="maximum epochs (early stopping)")
-    train.add_argument("--patience", type=int, default=defaults.patience)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.learning_rate)
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    train.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    train.add_argument("--min-images", type=int, default=defaults.min_images_per_class, help="per side")
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--description", help="what the target set is (goes into the model card)")
-    train.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
-    train.add_argument("--device", default=default_device())
-    train.add_argument("--cache-dir", type=Path, help="embedding cache folder (default: ~/.cache/ganrm/embeddings)")
+    add_config_arguments(train.add_argument_group("head training (RewardTrainingConfig)"), RewardTrainingConfig)
+    add_option(train, "description", help="what the target set is (goes into the model card)")
+    add_option(train, "strict", flag=True, help="fail on unreadable images instead of skipping them")
+    add_option(train, "device", default=default_device())
+    add_option(train, "cache_dir", type=Path, help="embedding cache folder (default: ~/.cache/ganrm/embeddings)")
     train.set_defaults(func=train_command)
 
     score = subparsers.add_parser(
@@ -109,13 +80,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "a PNG grid of the images sorted by score.",
     )
     score.add_argument("images", type=Path, help="folder of images to score")
-    score.add_argument("--model", required=True, help="reward model folder or Hugging Face Hub id")
-    score.add_argument("--out", type=Path, default=Path("scores.json"), help="output JSON file")
-    score.add_argument("--grid", type=Path, help="output PNG grid (default: beside --out, *_grid.png)")
-    score.add_argument("--prompt", help="prompt for prompt-aware models (else metadata.jsonl prompts)")
-    score.add_argument("--batch-size", type=int, default=32)
-    score.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
-    score.add_argument("--device", default=default_device())
+    add_option(score, "model", required=True, help="reward model folder or Hugging Face Hub id")
+    add_option(score, "out", type=Path, default=Path("scores.json"), help="output JSON file")
+    add_option(score, "grid", type=Path, help="output PNG grid (default: beside --out, *_grid.png)")
+    add_option(score, "prompt", help="prompt for prompt-aware models (else metadata.jsonl prompts)")
+    add_option(score, "batch_size", type=int, default=32)
+    add_option(score, "strict", flag=True, help="fail on unreadable images instead of skipping them")
+    add_option(score, "device", default=default_device())
     score.set_defaults(func=score_command)
 
     push = subparsers.add_parser(
@@ -123,10 +94,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="upload a reward model to the Hugging Face Hub",
         description="Upload a reward model folder (config, weights and a regenerated model card) to the Hub.",
     )
-    push.add_argument("--model", required=True, type=Path, help="reward model folder")
-    push.add_argument("--repo-id", required=True, help="Hub repository id, e.g. you/ganrm-my-style")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--token", help="Hub token (default: the saved login)")
+    add_option(push, "model", required=True, type=Path, help="reward model folder")
+    add_option(push, "repo_id", required=True, help="Hub repository id, e.g. you/ganrm-my-style")
+    add_option(push, "private", flag=True)
+    add_option(push, "token", help="Hub token (default: the saved login)")
     push.set_defaults(func=push_command)
 
 
@@ -135,7 +106,7 @@ def _pools(pool: Path | None, rounds: int, seed: int) -> list[list[Path]] | None
     if rounds == 0:
         return None
     if pool is None:
-        raise GanrmError("--rounds needs --pool: a folder of further generations to rank in each round")
+        raise GanrmError("--bootstrap_rounds needs --pool: a folder of further generations to rank in each round")
     files = list_image_files(pool)
     random.Random(seed).shuffle(files)
     return [files[index::rounds] for index in range(rounds)]
@@ -148,9 +119,10 @@ def _sample_negatives(args: argparse.Namespace) -> Path:
         raise GanrmError("train-rm needs negatives: --negatives DIR, or --pipeline and --prompts to sample them")
     from diffusers import DiffusionPipeline
 
-    from ganrm_diffusers.generation.candidates import read_prompts_file
+    from ganrm_diffusers.generation.candidates import SampleSettings, image_file_name, read_prompts_file
 
     prompts = read_prompts_file(args.prompts)
+    settings = SampleSettings(num_candidates=args.negatives_per_prompt, seed=args.seed)
     folder = args.out / "negatives"
     folder.mkdir(parents=True, exist_ok=True)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline).to(args.device)
@@ -158,8 +130,8 @@ def _sample_negatives(args: argparse.Namespace) -> Path:
     extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     records = []
     for index, prompt in enumerate(tqdm(prompts, desc="sampling negatives", unit="prompt")):
-        seeds = [args.seed + index * args.negatives_per_prompt + number for number in range(args.negatives_per_prompt)]
-        names = [f"{index:05d}_{number:02d}.png" for number in range(args.negatives_per_prompt)]
+        seeds = settings.seeds(index)
+        names = [image_file_name(index, number) for number in range(len(seeds))]
         records += [
             {"file_name": name, "prompt": prompt, "seed": seed} for name, seed in zip(names, seeds, strict=True)
         ]
@@ -179,22 +151,8 @@ def _sample_negatives(args: argparse.Namespace) -> Path:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    config = RewardTrainingConfig(
-        max_epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        val_fraction=args.val_fraction,
-        patience=args.patience,
-        seed=args.seed,
-        min_images_per_class=args.min_images,
-        bootstrap_rounds=args.rounds,
-        bootstrap_m=args.bootstrap_m,
-        bootstrap_alpha=args.bootstrap_alpha,
-        augment_copies=args.augment_copies,
-        brightness_jitter=args.brightness_jitter,
-    )
-    pools = _pools(args.pool, args.rounds, args.seed)
+    config = config_from_args(RewardTrainingConfig, args)
+    pools = _pools(args.pool, config.bootstrap_rounds, config.seed)
     negatives = args.negatives or _sample_negatives(args)
     model = GANRewardModel(
         backbone=args.backbone,

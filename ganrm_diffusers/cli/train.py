@@ -60,19 +60,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def method_parser(method: str) -> tuple[argparse.ArgumentParser, type]:
     """The full option parser of one method, built from its trainer's config dataclass."""
-    from ganrm_diffusers.training.config import add_config_arguments
+    from ganrm_diffusers.utils.options import OptionParser, add_config_arguments
 
     module_name, class_name, _ = METHODS[method]
     config_class = getattr(importlib.import_module(module_name), class_name)
-    parser = argparse.ArgumentParser(
-        prog=f"ganrm train {method}", description=f"{config_class.__doc__} {BETA_CONVENTIONS}"
-    )
+    parser = OptionParser(prog=f"ganrm train {method}", description=f"{config_class.__doc__} {BETA_CONVENTIONS}")
     add_config_arguments(parser, config_class)
     return parser, config_class
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from ganrm_diffusers.training.config import config_from_args
+    from ganrm_diffusers.utils.options import config_from_args
 
     parser, config_class = method_parser(args.method)
     config = config_from_args(config_class, parser.parse_args(args.options))

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ganrm_diffusers.utils.atomic import save_png_atomic, write_text_atomic
 from ganrm_diffusers.utils.errors import GanrmError
+from ganrm_diffusers.utils.options import option
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +47,18 @@ class SampleFolderError(GanrmError, ValueError):
 class SampleSettings:
     """What decides the candidates of a run: the same settings and prompts give the same images."""
 
-    num_candidates: int = 8
-    num_inference_steps: int = 50
-    guidance_scale: float | None = None
-    height: int | None = None
-    width: int | None = None
-    negative_prompt: str | None = None
-    eta: float = 0.0
-    seed: int = 0
+    num_candidates: int = option(8, "candidates per prompt")
+    num_inference_steps: int = option(50, "denoising steps", aliases=("--steps",))
+    guidance_scale: float | None = option(None, "classifier-free guidance (default: the pipeline's)")
+    height: int | None = option(None, "image height (default: the pipeline's)")
+    width: int | None = option(None, "image width (default: the pipeline's)")
+    negative_prompt: str | None = option(None, "negative prompt of every candidate")
+    eta: float = option(0.0, "DDIM eta (0: deterministic steps)")
+    seed: int = option(0, "candidate j of prompt i gets seed + i * num_candidates + j")
     # Where the images come from (recorded so that a resumed run cannot mix models; not pipeline arguments).
-    pipeline: str | None = None
-    reward_model: str | None = None
-    lora: str | None = None
+    pipeline: str | None = option(None, "diffusers SD 1.x/2.x or SDXL pipeline: folder or Hub id")
+    reward_model: str | None = option(None, "reward model folder or Hub id (default: the one saved with the pipeline)")
+    lora: str | None = option(None, "a LoRA (file, folder or Hub id) to load into the pipeline first")
 
     def seeds(self, prompt_index: int) -> list[int]:
         """The candidates' seeds of prompt number `prompt_index` (independent of how prompts are split)."""

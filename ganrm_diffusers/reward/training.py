@@ -32,6 +32,7 @@ from ganrm_diffusers.reward.embedding_cache import EmbeddingCache, embed_files
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.utils.errors import GanrmError, ImageInputError
 from ganrm_diffusers.utils.images import load_image, to_pixels
+from ganrm_diffusers.utils.options import option
 from ganrm_diffusers.utils.plots import plot_training_curves
 
 logger = logging.getLogger(__name__)
@@ -45,22 +46,27 @@ class TrainingDivergedError(GanrmError, ValueError):
 
 @dataclass
 class RewardTrainingConfig:
-    """Head training and bootstrapping settings (defaults work for a few hundred images per side)."""
+    """Head training and bootstrapping settings (defaults work for a few hundred images per side). The same names
+    are `ganrm train-rm`'s options, the ComfyUI training node's inputs and `ganrm train rounds`' `--rm_*` options."""
 
-    max_epochs: int = 100
-    batch_size: int = 256
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-2
-    val_fraction: float = 0.2
-    patience: int = 15
-    min_improvement: float = 1e-3  # relative drop of validation loss that counts as progress
-    seed: int = 0
-    min_images_per_class: int = 8
-    bootstrap_rounds: int = 0
-    bootstrap_m: int = 32
-    bootstrap_alpha: float = 0.1
-    augment_copies: int = 0  # brightness-augmented views of each training image, both sides (0: none)
-    brightness_jitter: float = 0.4  # each view's gain is uniform in [1 - jitter, 1 + jitter], clipped to [0, 1]
+    max_epochs: int = option(100, "maximum epochs (early stopping on the validation loss)", aliases=("--epochs",))
+    batch_size: int = option(256, "embeddings per head training step")
+    learning_rate: float = option(3e-3, "AdamW learning rate of the head", aliases=("--lr",))
+    weight_decay: float = option(1e-2, "AdamW weight decay of the head")
+    val_fraction: float = option(0.2, "share of each side held out for validation (original images only)")
+    patience: int = option(15, "epochs without a better validation loss before stopping")
+    min_improvement: float = option(1e-3, "relative drop of the validation loss that counts as progress")
+    seed: int = option(0, "seed of the split, the head's initialisation and the data order")
+    min_images_per_class: int = option(8, "fewest readable images a side may have", aliases=("--min-images",))
+    bootstrap_rounds: int = option(0, "rank-based bootstrapping rounds (each needs a pool)", aliases=("--rounds",))
+    bootstrap_m: int = option(32, "top-M / bottom-M of the pool added per bootstrapping round")
+    bootstrap_alpha: float = option(0.1, "soft label of the pool's rank-r image: exp(-alpha * r)")
+    augment_copies: int = option(
+        0,
+        "brightness-scaled views of each training image, both sides (0: none). The head then cannot prefer images "
+        "for being dimmer or brighter alone; leave it off when the target style is a brightness",
+    )
+    brightness_jitter: float = option(0.4, "each view's gain is uniform in [1 - jitter, 1 + jitter], clipped to [0, 1]")
 
 
 @dataclass

@@ -1,27 +1,22 @@
 """The trainers' shared configuration: `FinetuneConfig` (every trainer's dataclass extends it) and the
-command-line options generated from such dataclasses (`add_config_arguments`, `parse_config`)."""
+command-line options generated from it (`parse_config`; the convention is ganrm_diffusers.utils.options)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ganrm_diffusers.generation.lora import DEFAULT_TARGET_MODULES
 from ganrm_diffusers.utils.errors import GanrmError
+from ganrm_diffusers.utils.options import OptionParser, add_config_arguments, config_from_args, option
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingConfigError(GanrmError, ValueError):
     """Settings that cannot train (no prompts, a batch larger than the data, a checkpoint of another run)."""
-
-
-def option(default: object = MISSING, help: str = "", **extra: object):  # noqa: A002 - argparse's word
-    """A config field with its command-line help (and `choices`, `required`)."""
-    return field(default=default, metadata={"help": help, **extra})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -97,46 +92,7 @@ class FinetuneConfig:
                 raise TrainingConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
 
-def _argument_type(annotation: object) -> type:
-    """The scalar type of `int`, `float | None`, ... (None allowed through the default)."""
-    arguments = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    return arguments[0] if arguments else annotation
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[FinetuneConfig]) -> None:
-    """One `--field` option per config field, with its default and help (booleans as --x/--no-x)."""
-    hints = typing.get_type_hints(config_class)
-    defaults = config_class()
-    for item in fields(config_class):
-        kind = _argument_type(hints[item.name])
-        default = getattr(defaults, item.name)
-        help_text = item.metadata.get("help", "")
-        extra = {"choices": item.metadata["choices"]} if "choices" in item.metadata else {}
-        if item.metadata.get("required"):
-            parser.add_argument(f"--{item.name}", type=kind, required=True, help=help_text, **extra)
-        elif kind is bool:
-            parser.add_argument(
-                f"--{item.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        else:
-            shown = "" if default is None else f" (default: {default})"
-            parser.add_argument(f"--{item.name}", type=_none_or(kind), default=default, help=help_text + shown, **extra)
-
-
-def _none_or(kind: type) -> Callable[[str], object]:
-    def parse(text: str) -> object:
-        return None if text.lower() in ("none", "") else kind(text)
-
-    parse.__name__ = kind.__name__  # argparse names the type in its errors
-    return parse
-
-
-def config_from_args(config_class: type[FinetuneConfig], args: argparse.Namespace) -> FinetuneConfig:
-    values = {item.name: getattr(args, item.name) for item in fields(config_class) if hasattr(args, item.name)}
-    return config_class(**values)
-
-
 def parse_config(config_class: type[FinetuneConfig], argv: Sequence[str] | None = None, description: str = ""):
-    parser = argparse.ArgumentParser(description=description or config_class.__doc__)
+    parser = OptionParser(description=description or config_class.__doc__)
     add_config_arguments(parser, config_class)
     return config_from_args(config_class, parser.parse_args(argv))
