@@ -273,3 +273,31 @@ def test_lora_for_this_base_model_loads(kind, reduced_world, reward_model, tmp_p
     fresh = cls.from_pipe(make_base_pipe(kind, reduced_world), reward_model=reward_model)
     fresh.load_lora_weights(lora_file, adapter_name="style")
     assert "style" in fresh.unet.peft_config
+
+
+def test_callback_on_step_end_sees_the_live_candidates_and_can_interrupt(pipe):
+    seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.append((step, tuple(tensors["latents"].shape), tuple(tensors["noise_pred"].shape)))
+        if step == 2:
+            pipeline._interrupt = True  # diffusers' way to stop a call early
+        return {}
+
+    out = call(pipe, num_candidates=3, seed=0, callback_on_step_end=callback,
+               callback_on_step_end_tensor_inputs=["latents", "noise_pred"])  # fmt: skip
+    assert [step for step, _, _ in seen] == [0, 1, 2]  # interrupted: no step after the third
+    _, latent = sizes(pipe)
+    channels = pipe.unet.config.in_channels
+    assert all(shape == (6, channels, latent, latent) and noise == shape for _, shape, noise in seen)
+    assert len(out.images) == len(PROMPTS)
+
+    def zero_latents(pipeline, step, timestep, tensors):
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == STEPS - 1 else {}
+
+    zeroed = call(pipe, num_candidates=2, seed=0, output_type="latent", callback_on_step_end=zero_latents)
+    assert torch.count_nonzero(zeroed.images) == 0  # the returned latents are the callback's
+
+    with pytest.raises(PipelineInputError, match=r"\['prompt_embeds'\] are not among"):
+        call(pipe, num_candidates=2, seed=0, callback_on_step_end=callback,
+             callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip

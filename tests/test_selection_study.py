@@ -7,7 +7,6 @@ import torch
 
 from ganrm_diffusers.demo.selection_study import (
     choose_schedule,
-    early_reward_agreement,
     pruning_sweep,
     random_pick,
     selection_runs,
@@ -105,20 +104,3 @@ def test_the_sweep_simulates_what_a_pruned_run_selects(reduced_world, reward_mod
     assert choose_schedule(swept, max_cost=swept[cheaper]["unet_cost"]) == cheaper  # the only one that cheap
     with pytest.raises(ValueError, match="no swept schedule"):
         choose_schedule(swept, max_cost=0.1)
-
-
-def test_early_reward_agreement_is_measured_at_each_fraction(reduced_world, reward_model):
-    rows = early_reward_agreement(
-        reduced_world.pipeline_dir,
-        reward_model,
-        prompts_per_digit=1,
-        num_candidates=CANDIDATES,
-        fractions=(0.5, 0.99),
-        num_inference_steps=STEPS,
-    )
-    assert list(rows) == ["after_3_of_6_steps", "after_6_of_6_steps"]
-    for row in rows.values():
-        assert -1 <= row["spearman"] <= 1 and 0 <= row["best_in_top_quarter"] <= row["best_in_top_half"] <= 1
-    # After the last step the x0 prediction is the final image: early and final rewards agree.
-    assert rows["after_6_of_6_steps"]["spearman"] == pytest.approx(1.0)
-    assert rows["after_6_of_6_steps"]["best_in_top_quarter"] == 1.0

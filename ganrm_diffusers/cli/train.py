@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from ganrm_diffusers.training.losses import DPO_BETA_CONVENTION
+
 # method: (trainer module, config class name, one-line description)
 METHODS = {
     "sft": (
@@ -32,12 +34,10 @@ METHODS = {
 }
 
 BETA_CONVENTIONS = (
-    "Beta conventions: DPO's --beta is the paper's: loss = -log sigmoid(-beta/2 * ((mse_w - ref_mse_w) - "
-    "(mse_l - ref_mse_l))), mse the mean over latent elements, 5000 in the official launchers; diffusers' research "
-    "script train_diffusion_dpo.py calls beta/2 its --beta_dpo (its 2500 = our 5000). PRDP's --beta turns reward "
-    "differences (standardised within each prompt by default; reward_scale x GAN-RM logit with "
-    "--reward_normalization none) into targets for log-ratio differences, log-probs being means over latent "
-    "elements and log-ratios means over the stochastic steps, so beta and --clip_eps are per element and per step."
+    f"Beta conventions: DPO's --beta is {DPO_BETA_CONVENTION}. PRDP's --beta turns reward differences "
+    "(standardised within each prompt by default; reward_scale x GAN-RM logit with --reward_normalization none) "
+    "into targets for log-ratio differences, log-probs being means over latent elements and log-ratios means over "
+    "the stochastic steps, so beta and --clip_eps are per element and per step."
 )
 
 

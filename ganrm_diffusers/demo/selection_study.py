@@ -330,54 +330,6 @@ def pruning_sweep(
     return rows
 
 
-def early_reward_agreement(
-    pipeline: str | Path | RewardGuidedPipeline,
-    reward_model: GANRewardModel,
-    *,
-    prompts_per_digit: int = 20,
-    num_candidates: int = 8,
-    fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
-    seed: int = 0,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 2.0,
-    prompts_per_call: int = 50,
-) -> dict[str, dict]:
-    """How well the reward of the x0 prediction after a fraction of the steps predicts the final reward (what
-    pruning relies on). Per fraction: the mean within-prompt Spearman correlation of early and final rewards, and
-    how often each prompt's finally best candidate is among the best half / quarter by early reward."""
-    probe = _probe(
-        _reward_guided(pipeline, reward_model),
-        None,
-        prompts_per_digit,
-        num_candidates,
-        fractions,
-        seed,
-        num_inference_steps,
-        guidance_scale,
-        prompts_per_call,
-        progress=False,
-    )
-    best = probe.final_scores.argmax(dim=1, keepdim=True)
-    rows = {}
-    for steps, early_scores in probe.checkpoint_scores.items():
-        order = early_scores.argsort(dim=1, descending=True)
-        rank_of_best = (order == best).float().argmax(dim=1)
-        rows[f"after_{steps}_of_{num_inference_steps}_steps"] = {
-            "fraction": steps / num_inference_steps,
-            "spearman": float(_rank_correlation(early_scores, probe.final_scores).mean()),
-            "best_in_top_half": float((rank_of_best < num_candidates // 2).float().mean()),
-            "best_in_top_quarter": float((rank_of_best < max(1, num_candidates // 4)).float().mean()),
-        }
-    return rows
-
-
-def _rank_correlation(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Spearman correlation of each row pair (no ties in continuous rewards)."""
-    ranks = [values.argsort(dim=1).argsort(dim=1).float() for values in (first, second)]
-    centred = [rank - rank.mean(dim=1, keepdim=True) for rank in ranks]
-    return (centred[0] * centred[1]).sum(1) / (centred[0].norm(dim=1) * centred[1].norm(dim=1))
-
-
 def _reward_guided(pipeline: str | Path | RewardGuidedPipeline, reward_model: GANRewardModel) -> RewardGuidedPipeline:
     if isinstance(pipeline, (str, Path)):
         pipe = RewardGuidedPipeline.from_pretrained(pipeline, reward_model=reward_model)
@@ -392,28 +344,3 @@ def _describe(schedule: PruneSchedule | FKResampling) -> dict:
     if isinstance(schedule, FKResampling):
         description.update(lambda_=schedule.lambda_, potential=schedule.potential)
     return description
-
-
-def format_rows(rows: dict[str, dict]) -> str:
-    """A plain-text table of the rows (for the terminal and the report)."""
-    columns = [
-        "style_rate",
-        "class_accuracy",
-        "mean_reward",
-        "reward_gain",
-        "unet_cost",
-        "reward_gain_kept",
-        "style_gain_kept",
-        "unet_evaluations",
-        "seconds",
-    ]
-    lines = ["method".ljust(34) + "".join(column[:16].rjust(17) for column in columns)]
-    for label, values in rows.items():
-        cells = []
-        for column in columns:
-            value = values.get(column)
-            cells.append(
-                ("-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)).rjust(17)
-            )
-        lines.append(label.ljust(34) + "".join(cells))
-    return "\n".join(lines)

@@ -17,6 +17,7 @@ with the same settings. Candidates are scored on their decoded tensors, on the d
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,10 +30,11 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModel,
@@ -53,7 +55,7 @@ from ganrm_diffusers.generation.pruning import (
     predicted_clean_latents,
     select_scheduler_state,
 )
-from ganrm_diffusers.generation.sampling import Conditioning, decode_latents
+from ganrm_diffusers.generation.sampling import Conditioning, decode_latents, guided_noise_pred
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.utils.errors import GanrmError
@@ -118,7 +120,7 @@ class RewardGuidedPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None = None
 
 
-def candidate_seeds(
+def resolve_candidate_seeds(
     count: int,
     seeds: list[int] | None = None,
     seed: int | None = None,
@@ -203,6 +205,22 @@ class _LiveCandidates:
         return {int(slot): self.lineage(position, seeds) for position, slot in enumerate(self.ids)}
 
 
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from ganrm_diffusers import GANRewardModel, RewardGuidedPipeline, PruneSchedule
+
+        >>> reward_model = GANRewardModel.from_pretrained("you/ganrm-my-style")
+        >>> pipe = RewardGuidedPipeline.from_pretrained(
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", reward_model=reward_model, torch_dtype=torch.float16
+        ... ).to("cuda")
+        >>> out = pipe("a watercolor fox", num_candidates=8, seed=0, prune=PruneSchedule())
+        >>> out.images[0].save("fox.png")  # the best of 8; out.scores and out.seeds beside it
+        ```
+"""
+
+
 class RewardGuidedMixin:
     """Best-of-N with a reward model over a diffusers text-to-image pipeline (shared by the SD and SDXL classes).
 
@@ -211,8 +229,11 @@ class RewardGuidedMixin:
     """
 
     default_guidance_scale: float = 7.5
+    # What `callback_on_step_end` may ask for: the live candidates' latents and their noise prediction.
+    _callback_tensor_inputs = ["latents", "noise_pred"]
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str],
@@ -238,25 +259,51 @@ class RewardGuidedMixin:
         cross_attention_kwargs: dict | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         **conditioning_kwargs: object,
     ) -> RewardGuidedPipelineOutput | tuple:
         """Generate `num_candidates` images per prompt, score them with the reward model, return the `top_k` best.
 
-        Arguments of the base pipeline keep their meaning (`guidance_scale` defaults to the base pipeline's). New:
-            num_candidates: candidates per prompt. top_k: images returned per prompt (selected per prompt, never
-                across prompts).
-            seeds: one seed per candidate, prompt-major; or `seed` (candidates get seed, seed + 1, ...); or
-                `generator`, from which seeds are drawn. The seed of each returned image regenerates it with the
-                plain base pipeline: `generator=torch.Generator("cpu").manual_seed(seed)` (under `FKResampling`
-                None where resampling gave the image another lineage: see the output's `lineages`).
-            candidate_batch_size: candidates per UNet, VAE and reward model call (default: all at once), so many
-                candidates fit where the base pipeline's batch fits. The result does not depend on it.
-            prune: `True` for the default `PruneSchedule()`, a `PruneSchedule`, or an `FKResampling`: stop the
-                least promising candidates early (see `ganrm_diffusers.generation.pruning`).
-            return_candidates: also return every candidate with its score, seed and number of steps.
-        SDXL takes its extra conditioning arguments (prompt_2, negative_prompt_2, original_size, ...) as keywords.
+        Arguments of the base pipeline keep their meaning (`guidance_scale` defaults to the base pipeline's); SDXL
+        takes its extra conditioning arguments (prompt_2, negative_prompt_2, original_size, ...) as keywords.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s); each gets its own candidates.
+            num_candidates (`int`, defaults to 4): candidates per prompt.
+            top_k (`int`, defaults to 1): images returned per prompt (selected per prompt, never across prompts).
+            seeds (`list[int]`, *optional*): one seed per candidate, prompt-major. Or `seed` (candidates get seed,
+                seed + 1, ...), or `generator`, from which seeds are drawn. The seed of each returned image
+                regenerates it with the plain base pipeline: `generator=torch.Generator("cpu").manual_seed(seed)`
+                (under `FKResampling`, None where resampling gave the image another lineage: see `lineages`).
+            candidate_batch_size (`int`, *optional*): candidates per UNet, VAE and reward model call (default: all
+                at once), so many candidates fit where the base pipeline's batch fits. The result does not depend
+                on it.
+            prune (`bool`, `PruneSchedule` or `FKResampling`, *optional*): `True` for the default `PruneSchedule()`:
+                stop the least promising candidates early (see `ganrm_diffusers.generation.pruning`).
+            return_candidates (`bool`, defaults to `False`): also return every candidate with its score, seed and
+                number of steps.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called
+                after each denoising step as `callback_on_step_end(self, step, timestep, callback_kwargs)` with the
+                tensors named in `callback_on_step_end_tensor_inputs` (of `_callback_tensor_inputs`: the live
+                candidates' `latents` and `noise_pred`); returned `latents` replace the live latents (same shape).
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): defaults to `["latents"]`.
+
+        Examples:
+
+        Returns:
+            `RewardGuidedPipelineOutput` (or, with `return_dict=False`, a tuple of images, scores and seeds).
         """
         self._require_reward_model()
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        unknown = [name for name in callback_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise PipelineInputError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not among {self._callback_tensor_inputs}"
+            )
+        self._interrupt = False
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height = height or self._default_image_size()
         width = width or self._default_image_size()
@@ -268,7 +315,7 @@ class RewardGuidedMixin:
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         device = self._execution_device
-        seeds = candidate_seeds(len(prompts) * num_candidates, seeds, seed, generator)
+        seeds = resolve_candidate_seeds(len(prompts) * num_candidates, seeds, seed, generator)
         chunk = candidate_batch_size or len(seeds)
 
         # 1. Text conditioning once per prompt; each candidate uses its prompt's row.
@@ -301,11 +348,15 @@ class RewardGuidedMixin:
         live_conditioning = conditioning.select(live.prompt_rows)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
                 latents_before = live.latents
                 noise_pred = self._guided_noise(latents_before, t, live_conditioning, chunk)
                 step_kwargs = self.prepare_extra_step_kwargs(live.generators, eta)
                 step = self.scheduler.step(noise_pred, t, latents_before, **step_kwargs, return_dict=True)
                 live.latents = step.prev_sample
+                if callback_on_step_end is not None:
+                    live.latents = self._step_end(callback_on_step_end, callback_inputs, i, t, live, noise_pred)
                 if run is not None and i in run.checkpoints:
                     x0 = predicted_clean_latents(self.scheduler, step, noise_pred, t, latents_before)
                     judged = live.ids
@@ -362,27 +413,38 @@ class RewardGuidedMixin:
         self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, chunk: int
     ) -> torch.Tensor:
         """The (classifier-free guided) noise prediction of every live candidate, `chunk` candidates per UNet call."""
-        guided = self.do_classifier_free_guidance
-        predictions = []
-        for start in range(0, len(latents), chunk):
-            part = slice(start, start + chunk)
-            model_input = torch.cat([latents[part]] * 2) if guided else latents[part]
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            noise = self.unet(
-                model_input,
-                t,
-                timestep_cond=self._timestep_cond(len(model_input), latents),
-                cross_attention_kwargs=self.cross_attention_kwargs,
-                return_dict=False,
-                **conditioning.select(part).unet_kwargs(guided),
-            )[0]
-            if guided:
-                unconditional, text = noise.chunk(2)
-                noise = unconditional + self.guidance_scale * (text - unconditional)
-                if self.guidance_rescale > 0:
-                    noise = rescale_noise_cfg(noise, text, guidance_rescale=self.guidance_rescale)
-            predictions.append(noise)
-        return torch.cat(predictions)
+        return guided_noise_pred(
+            self.unet,
+            self.scheduler,
+            latents,
+            t,
+            conditioning,
+            self.guidance_scale,
+            chunk,
+            timestep_cond=self._timestep_cond(1, latents),
+            guidance_rescale=self.guidance_rescale,
+            cross_attention_kwargs=self.cross_attention_kwargs,
+        )
+
+    def _step_end(
+        self,
+        callback: Callable[..., dict],
+        names: list[str],
+        step: int,
+        t: torch.Tensor,
+        live: _LiveCandidates,
+        noise_pred: torch.Tensor,
+    ) -> torch.Tensor:
+        """diffusers' `callback_on_step_end` protocol; returns the live latents, replaced where the callback did."""
+        tensors = {"latents": live.latents, "noise_pred": noise_pred}
+        outputs = callback(self, step, t, {name: tensors[name] for name in names}) or {}
+        latents = outputs.get("latents", live.latents)
+        if latents.shape != live.latents.shape:
+            raise PipelineInputError(
+                f"callback_on_step_end returned latents of shape {tuple(latents.shape)}; the live candidates' are "
+                f"{tuple(live.latents.shape)}"
+            )
+        return latents
 
     def _timestep_cond(self, batch: int, latents: torch.Tensor) -> torch.Tensor | None:
         """The guidance embedding of guidance-distilled UNets (LCM), as the base pipeline computes it."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
 from ganrm_diffusers.generation.lora import adapters_disabled
@@ -178,11 +179,14 @@ def guided_noise_pred(
     guidance_scale: float,
     chunk_size: int | None = None,
     timestep_cond: torch.Tensor | None = None,
+    guidance_rescale: float = 0.0,
+    cross_attention_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """The scheduler's model output for `latents` at `timestep`: the UNet's prediction with classifier-free guidance
     when guidance_scale > 1 (diffusers' rule), `chunk_size` latents per UNet call (guidance doubles each call).
     With `timestep_cond` (see `guidance_embedding`) the UNet is guidance-distilled: it gets that embedding and one
-    unguided pass, as in diffusers' pipelines."""
+    unguided pass, as in diffusers' pipelines. `guidance_rescale` and `cross_attention_kwargs` are the pipelines'
+    arguments of the same names. The pipelines and every trainer's sampler call this one loop."""
     guided = guidance_scale > 1.0 and timestep_cond is None
     chunk_size = chunk_size or len(latents)
     predictions = []
@@ -193,10 +197,14 @@ def guided_noise_pred(
         kwargs = conditioning.select(part).unet_kwargs(guided)
         if timestep_cond is not None:
             kwargs["timestep_cond"] = timestep_cond.to(model_input).expand(len(model_input), -1)
-        prediction = unet(model_input, timestep, **kwargs, return_dict=False)[0]
+        prediction = unet(
+            model_input, timestep, cross_attention_kwargs=cross_attention_kwargs, **kwargs, return_dict=False
+        )[0]
         if guided:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
+            if guidance_rescale > 0:
+                prediction = rescale_noise_cfg(prediction, conditional, guidance_rescale=guidance_rescale)
         predictions.append(prediction)
     return torch.cat(predictions)
 

@@ -128,6 +128,12 @@ class GANRewardModel(ModelMixin, ConfigMixin):
         prompts = [prompts] * count if isinstance(prompts, str) else list(prompts)
         if len(prompts) != count:
             raise ImageInputError(f"got {len(prompts)} prompts for {count} images")
+        missing = [index for index, prompt in enumerate(prompts) if prompt is None]
+        if missing:
+            raise ImageInputError(
+                f"this reward model is prompt-aware, but {len(missing)} of {count} images have no prompt (images "
+                f"{missing[:10]}): give each its prompt (a metadata.jsonl line with file_name and prompt beside files)"
+            )
         return self.encoder.encode_text(prompts)
 
     @torch.inference_mode()

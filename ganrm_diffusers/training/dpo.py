@@ -4,9 +4,8 @@
         --output_dir out/dpo            # samples N candidates per prompt now: (best, worst) pairs
     accelerate launch training/train_dpo.py --pretrained_model PIPELINE --candidates DIR --output_dir out/dpo
 
-loss = -log sigmoid(-beta/2 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))) (Wallace et al. 2024), with beta as in
-the paper and its official launchers (5000); diffusers' research script calls beta/2 its --beta_dpo. The reference
-is the same UNet with its LoRA switched off: no second copy in memory.
+The loss is Wallace et al. 2024's (ganrm_diffusers.training.losses.diffusion_dpo_loss, beta as its
+DPO_BETA_CONVENTION says). The reference is the same UNet with its LoRA switched off: no second copy in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError, option, parse_config
-from ganrm_diffusers.training.examples import PreferenceExamples, build_examples, read_prompts
+from ganrm_diffusers.training.examples import PreferenceExamples, build_examples, config_prompts
 from ganrm_diffusers.training.loop import (
     Batch,
     conditioning_kwargs,
@@ -25,16 +24,12 @@ from ganrm_diffusers.training.loop import (
     reference_predict,
     train_on_examples,
 )
-from ganrm_diffusers.training.losses import diffusion_dpo_loss
+from ganrm_diffusers.training.losses import DPO_BETA_CONVENTION, diffusion_dpo_loss
 from ganrm_diffusers.training.run import FinetuneRun, finish_run, setup_run
 
 logger = logging.getLogger(__name__)
 
-BETA_HELP = (
-    "the paper's beta: loss = -log sigmoid(-beta/2 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))), mse the mean "
-    "over latent elements; 2000-5000 in the paper, 5000 in its official launchers. diffusers' research script "
-    "train_diffusion_dpo.py names beta/2 its --beta_dpo (its 2500 = our 5000)"
-)
+BETA_HELP = DPO_BETA_CONVENTION
 
 
 @dataclass
@@ -105,7 +100,7 @@ def train(config: DPOConfig, run: FinetuneRun | None = None) -> dict:
         run, candidates=config.candidates, num_candidates=config.num_candidates, top_k=1, pairs=True
     )
     report_dropped_pairs(run, examples)
-    eval_prompts = read_prompts(config) if config.prompts and run.reward_model is not None else None
+    eval_prompts = config_prompts(config) if config.prompts and run.reward_model is not None else None
     train_on_examples(run, examples, dpo_loss, eval_prompts=eval_prompts)
     margin = float((examples.winner_scores - examples.loser_scores).mean())
     summary = {"pairs": len(examples), "dropped_pairs": examples.dropped_pairs, "mean_score_margin": margin}

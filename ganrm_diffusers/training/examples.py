@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ganrm_diffusers.generation.candidates import SampleSettings, read_prompts_file, read_records
 from ganrm_diffusers.generation.sampling import encode_images
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError
@@ -30,19 +31,11 @@ logger = logging.getLogger(__name__)
 # Sampling and scoring
 
 
-def read_prompts(config: FinetuneConfig) -> list[str]:
-    from ganrm_diffusers.generation.candidates import read_prompts_file
-
+def config_prompts(config: FinetuneConfig) -> list[str]:
+    """The prompts of `--prompts` (read as `ganrm sample` reads them)."""
     if not config.prompts:
         raise TrainingConfigError("--prompts is required (a text file, one prompt per line)")
     return read_prompts_file(config.prompts)
-
-
-def candidate_seeds(seed: int, prompt_index: int, count: int) -> list[int]:
-    """The seeds of prompt `prompt_index`'s candidates: the rule of `ganrm sample`, so both give the same images."""
-    from ganrm_diffusers.generation.candidates import SampleSettings
-
-    return SampleSettings(num_candidates=count, seed=seed).seeds(prompt_index)
 
 
 def score_images(run: FinetuneRun, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
@@ -180,7 +173,9 @@ def sample_candidates(
         disable=not run.accelerator.is_local_main_process,
     ):
         part = pairs[start : start + per_call]
-        seeds = [s for _, index in part for s in candidate_seeds(seed, index, num_candidates)]
+        # the seeds rule of `ganrm sample`, so both give the same images
+        rule = SampleSettings(num_candidates=num_candidates, seed=seed)
+        seeds = [s for _, index in part for s in rule.seeds(index)]
         trajectory = run.sampler.sample(
             [text for text, _ in part], seeds, height=run.config.resolution, width=run.config.resolution
         )
@@ -275,8 +270,6 @@ def build_examples(
         return run.output_dir / DATA_DIR / f"{kind}-{rank}-of-{processes}.safetensors"
 
     if candidates:
-        from ganrm_diffusers.generation.candidates import read_records
-
         records = read_records(candidates)
         if not records:
             raise TrainingConfigError(f"{candidates} holds no candidates (no metadata.jsonl records)")
@@ -287,7 +280,7 @@ def build_examples(
             subset = [record for record in records if record["prompt_index"] in chosen]
             return folder_examples(run, Path(candidates), subset, top_k, pairs)
     else:
-        prompts = read_prompts(run.config)
+        prompts = config_prompts(run.config)
         groups = list(range(len(prompts)))
 
         def compute(mine: list) -> PreferenceExamples:

@@ -106,14 +106,20 @@ class DPOLoss(NamedTuple):
     implicit_accuracy: torch.Tensor  # the share of pairs whose winner the model already favours more than the reference
 
 
+# Written once: the trainers' --beta help and `ganrm train --help` quote it.
+DPO_BETA_CONVENTION = (
+    "the paper's beta: loss = -log sigmoid(-beta/2 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))), mse the mean "
+    "over latent elements; 2000-5000 in the paper, 5000 in its official launchers. diffusers' research script "
+    "train_diffusion_dpo.py calls beta/2 its --beta_dpo (its 2500 = our 5000)"
+)
+
+
 def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float) -> DPOLoss:
     """Diffusion-DPO (Wallace et al. 2024) on a batch of 2N: the N winners first, then their N losers, noised with
     the same noise and timesteps. model_pred and ref_pred are the trained and reference UNet's predictions, target
     the training target (the noise, or the velocity for v-prediction).
 
-    loss = -log sigmoid(-beta / 2 * ((mse_w - ref_mse_w) - (mse_l - ref_mse_l))), mse the per-sample mean over
-    elements of the squared error. beta follows the paper and the official code (2000 to 5000, 5000 in their
-    launchers); diffusers' research script names beta/2 its `beta_dpo`.
+    beta: DPO_BETA_CONVENTION.
     """
     if len(model_pred) % 2 or model_pred.shape != ref_pred.shape or model_pred.shape != target.shape:
         raise ValueError(

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ganrm_diffusers.generation.sampling import Trajectory
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError, option, parse_config
-from ganrm_diffusers.training.examples import evaluate_reward, read_prompts, score_images
+from ganrm_diffusers.training.examples import config_prompts, evaluate_reward, score_images
 from ganrm_diffusers.training.losses import normalize_rewards, prdp_loss, regression_scales
 from ganrm_diffusers.training.run import (
     FinetuneRun,
@@ -270,7 +270,7 @@ def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
     run = run or setup_run(config)
     if run.reward_model is None:
         raise TrainingConfigError("PRDP scores its samples: pass --reward_model")
-    prompts = read_prompts(config)
+    prompts = config_prompts(config)
     processes = run.accelerator.num_processes
     if config.prompts_per_epoch % processes:
         raise TrainingConfigError(

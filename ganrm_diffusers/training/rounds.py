@@ -40,8 +40,8 @@ from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError,
 from ganrm_diffusers.training.dpo import BETA_HELP, check_pair_candidates, dpo_loss, report_dropped_pairs
 from ganrm_diffusers.training.examples import (
     computed_in_parts,
+    config_prompts,
     examples_from_candidates,
-    read_prompts,
     sample_candidates,
     score_images,
 )
@@ -214,7 +214,7 @@ def train(config: RoundsConfig, run: FinetuneRun | None = None) -> dict:
     """Run the rounds; returns the summary (also in output_dir/metrics.json), one entry per round."""
     config.check()
     run = run or setup_run(config)
-    prompts = read_prompts(config)
+    prompts = config_prompts(config)
     loss = dpo_loss if config.finetune == "dpo" else sft_loss
     summary_log = MetricsLog(Path(config.output_dir) / METRICS_NAME, run.is_main)
     rounds = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ganrm_diffusers.training.config import FinetuneConfig, option, parse_config
-from ganrm_diffusers.training.examples import build_examples, read_prompts
+from ganrm_diffusers.training.examples import build_examples, config_prompts
 from ganrm_diffusers.training.loop import Batch, conditioning_kwargs, denoising_target, train_on_examples
 from ganrm_diffusers.training.run import FinetuneRun, finish_run, setup_run
 
@@ -51,7 +51,7 @@ def train(config: SFTConfig, run: FinetuneRun | None = None) -> dict:
     examples = build_examples(
         run, candidates=config.candidates, num_candidates=config.num_candidates, top_k=config.top_k, pairs=False
     )
-    eval_prompts = read_prompts(config) if config.prompts and run.reward_model is not None else None
+    eval_prompts = config_prompts(config) if config.prompts and run.reward_model is not None else None
     train_on_examples(run, examples, sft_loss, eval_prompts=eval_prompts)
     return finish_run(
         run, CURVES, {"examples": len(examples), "mean_chosen_score": float(examples.winner_scores.mean())}

@@ -127,21 +127,15 @@ def load_image_folder(folder: str | Path, *, strict: bool = False, min_images: i
             f"image folder {folder} has {len(paths)} readable image(s); at least {min_images} are needed"
             + (f" ({len(skipped)} unreadable file(s) skipped)" if skipped else "")
         )
-    return ImageFolder(folder=folder, paths=paths, images=images, prompts=read_prompts(folder, paths), skipped=skipped)
-
-
-def read_prompts(folder: Path, paths: Sequence[Path]) -> list[str] | None:
-    """Prompts from a Hugging Face imagefolder `metadata.jsonl` (file_name + prompt/text), or None."""
-    by_file = _prompt_map(folder / METADATA_NAME)
-    if not by_file:
-        return None
-    return [by_file.get(path.relative_to(folder).as_posix(), "") for path in paths]
+    return ImageFolder(
+        folder=folder, paths=paths, images=images, prompts=read_file_prompts(paths, root=folder), skipped=skipped
+    )
 
 
 def read_file_prompts(paths: Sequence[Path], root: Path | None = None) -> list[str | None] | None:
     """The prompt of each file from the nearest `metadata.jsonl` above it (its folder, then the folders above, up
     to `root` if given), as an imagefolder dataset records them; None for a file that no metadata names, and None
-    instead of a list when no file has one. Unlike `read_prompts`, a missing prompt stays visibly missing."""
+    instead of a list when no file has one: a missing prompt stays visibly missing, never an empty string."""
     root = Path(root).absolute() if root is not None else None
     maps: dict[Path, dict[str, str]] = {}
     prompts: list[str | None] = []
