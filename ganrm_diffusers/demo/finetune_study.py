@@ -87,7 +87,7 @@ def demo_configs(world: object, prompts_file: Path, run_root: Path) -> dict:
             train_batch_size=80,
             eval_every=6,
         ),
-        # GAN-RM's round loop with DPO at the DPO row's total budget (3 rounds x 50 steps = 150 steps): each round a
+        # GAN-RM's round loop with DPO at the DPO row's total budget (2 rounds x 75 steps = 150 steps): each round a
         # fresh discriminator (the world's CLIP + the demo's head shape) against the current generator's 400
         # samples, bootstrapping on 400 more, selection on 8 fresh candidates per prompt line.
         "rounds": RoundsConfig(
@@ -95,10 +95,10 @@ def demo_configs(world: object, prompts_file: Path, run_root: Path) -> dict:
             output_dir=str(run_root / "rounds"),
             target_dir=str(world.target_dir),
             finetune="dpo",
-            rounds=3,
+            rounds=2,
             num_candidates=8,
             train_batch_size=16,
-            max_train_steps=50,
+            max_train_steps=75,
             learning_rate=1e-3,
             beta=5000.0,
             rm_backbone=world.backbone,
