@@ -135,7 +135,7 @@ def test_a_pipeline_without_reward_model_needs_one(tmp_path, capsys):
     tiny_sd_pipeline().save_pretrained(tmp_path / "plain")
     prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS[:1])
     assert main(sample_args(tmp_path / "plain", prompts, tmp_path / "out")) == 2
-    assert "holds no reward model: pass --reward-model" in capsys.readouterr().err
+    assert "holds no reward model: pass --reward_model" in capsys.readouterr().err
 
 
 def _free_port() -> int:
