@@ -57,7 +57,7 @@ bench: install
 
 # README's results and speed figures, rewritten from `make demo`'s report and `make bench`'s files (run both first).
 readme: | $(BIN)/python
-	$(BIN)/python scripts/readme_figures.py --report $(DEMO_OUT)/report.json --bench $(BENCH_OUT) --readme README.md
+	$(BIN)/python scripts/readme_figures.py --report $(DEMO_OUT)/report.json --bench $(BENCH_OUT) --readme README.md $(if $(REGIONS),--regions $(REGIONS))
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -345,22 +345,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, default=Path("demo-out/report.json"), help="make demo's report.json")
     parser.add_argument("--bench", type=Path, default=Path("bench-out"), help="folder of make bench's JSON files")
     parser.add_argument("--readme", type=Path, default=Path("README.md"), help="the README to rewrite")
+    parser.add_argument(
+        "--regions",
+        default=",".join(REGIONS),
+        help="comma-separated regions to rewrite (results: needs only --report; speed: needs only --bench)",
+    )
     return parser.parse_args(argv)
 
 
-def rewrite(readme: Path, report_path: Path, bench_folder: Path) -> bool:
-    """Rewrite both regions of `readme`; True when its text changed."""
+def rewrite(readme: Path, report_path: Path, bench_folder: Path, regions: Sequence[str] = REGIONS) -> bool:
+    """Rewrite `regions` of `readme` (both by default); True when its text changed."""
+    unknown = sorted(set(regions) - set(REGIONS))
+    if unknown or not regions:
+        raise FiguresError(f"unknown regions {unknown}: choose from {', '.join(REGIONS)}")
     if not readme.is_file():
         raise FiguresError(f"no README at {readme}")
     text = readme.read_text()
     for region in REGIONS:  # the markers first: a README without them fails before anything is read
         replace_region(text, region, [], readme)
-    if not report_path.is_file():
-        raise FiguresError(f"no demo report at {report_path}: run `make demo` first")
-    report = load_json(report_path, "demo report")
-    regions = {"results": results_region(report), "speed": speed_region(load_bench(bench_folder))}
+    written = {}
+    if "results" in regions:
+        if not report_path.is_file():
+            raise FiguresError(f"no demo report at {report_path}: run `make demo` first")
+        written["results"] = results_region(load_json(report_path, "demo report"))
+    if "speed" in regions:
+        written["speed"] = speed_region(load_bench(bench_folder))
     updated = text
-    for region, lines in regions.items():
+    for region, lines in written.items():
         updated = replace_region(updated, region, lines, readme)
     if updated != text:
         readme.write_text(updated)
@@ -370,7 +381,8 @@ def rewrite(readme: Path, report_path: Path, bench_folder: Path) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        changed = rewrite(args.readme, args.report, args.bench)
+        regions = [region for region in args.regions.split(",") if region]
+        changed = rewrite(args.readme, args.report, args.bench, regions)
     except FiguresError as error:
         raise SystemExit(f"readme_figures: {error}") from None
     print(f"{args.readme}: figures {'rewritten' if changed else 'already up to date'}")

@@ -175,3 +175,14 @@ def test_missing_inputs_fail_clearly(inputs: dict[str, Path], missing: str, mess
     with pytest.raises(SystemExit, match=message):
         run(inputs)
     assert inputs["readme"].read_text() == README
+
+
+def test_one_region_needs_only_its_own_input(inputs: dict[str, Path]) -> None:
+    (inputs["bench"] / "scoring.json").unlink()  # no bench results: the speed region cannot be written
+    argv = ["--report", str(inputs["report"]), "--bench", str(inputs["bench"]), "--readme", str(inputs["readme"])]
+    with pytest.raises(SystemExit):
+        load_script().main(argv)
+    assert inputs["readme"].read_text() == README  # nothing written
+    assert load_script().main([*argv, "--regions", "results"]) == 0
+    text = inputs["readme"].read_text()
+    assert "0.796 [0.786, 0.806]" in region(text, "results") and "old speed 9.999x" in region(text, "speed")
