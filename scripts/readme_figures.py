@@ -192,6 +192,11 @@ def tuned(key: str, value: object) -> str:
         if isinstance(chosen, dict):  # one choice per method: its label
             chosen = ", ".join(f"{method} {entry.get('label', entry)}" for method, entry in chosen.items())
         rule = f" ({value['rule']})" if value.get("rule") else ""
+        if set(value) <= {"rule", "chosen"}:  # chosen by an earlier tuning run: no candidate figures here
+            return (
+                f"chose {setting(chosen)}{rule} in an earlier tuning run on these seeds; this report holds no "
+                "candidate figures (`ganrm demo --tune` measures them again)"
+            )
         return f"chose {setting(chosen)}{rule}; every candidate's figures are in report.json"
     if isinstance(value, dict) and any(isinstance(item, dict) for item in value.values()):
         # a study that chose nothing (yet): its candidates' figures stay in the report

@@ -69,7 +69,14 @@ def fake_report() -> dict:
             "random_candidate": row(0.104),
             "sft": row(0.248),
         },
-        "settings": {"tuning": {"seeds": [50000000, 50000499], "dpo": {"learning_rate": 0.001, "beta": 5000.0}}},
+        "settings": {
+            "tuning": {
+                "seeds": [50000000, 50000499],
+                "dpo": {"learning_rate": 0.001, "beta": 5000.0},
+                "pruning": {"chosen": "8to2_at30", "rule": "r", "swept": {"8to2_at30": {}}},
+                "finetune": {"chosen": {"dpo": {"label": "beta_5000"}}, "rule": "r"},
+            }
+        },
     }
 
 
@@ -127,6 +134,8 @@ def test_regions_rewritten_from_report_and_bench(inputs: dict[str, Path]) -> Non
     for figure in ("0.796 [0.786, 0.806]", "7.51x [6.90, 8.20]", "0.944", "0.00123", "25 000", "0.956", "0.987"):
         assert figure in results
     assert "361 s" in results and "learning_rate 0.001" in results and "seeds: 50000000 to 50000499" in results
+    assert "pruning: chose 8to2_at30 (r); every candidate's figures are in report.json" in results
+    assert "finetune: chose dpo beta_5000 (r) in an earlier tuning run on these seeds; this report holds no" in results
     assert "for 100% (GAN-RM, `reward_model`) and 50% (with brightness views" in results
     names = ("base", "random_candidate", "best_of_8", "best_of_8_brightness_augmented_rm", "best_of_8_pruned")
     order = [results.index(f"`{name}`") for name in names]
