@@ -113,7 +113,7 @@ def _pools(pool: Path | None, rounds: int, seed: int) -> list[list[Path]] | None
 
 
 def _sample_negatives(args: argparse.Namespace) -> Path:
-    """Sample `--negatives-per-prompt` images per prompt from `--pipeline` into OUT/negatives (resumable: images
+    """Sample `--negatives_per_prompt` images per prompt from `--pipeline` into OUT/negatives (resumable: images
     already there are kept), with a metadata.jsonl that gives each file's prompt and seed."""
     if not args.pipeline or not args.prompts:
         raise GanrmError("train-rm needs negatives: --negatives DIR, or --pipeline and --prompts to sample them")
