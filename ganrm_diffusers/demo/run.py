@@ -35,8 +35,8 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 # "selection": best-of-N, pruned, the same-cost random pick (deterministic DDIM); "fk": the same with eta = 1 and
 # FK resampling (a stochastic sampler is another distribution, so it brings its own random pick).
 METHOD_GROUPS = ("selection", "fk", "sft", "dpo", "prdp", "rounds")
-# `make demo` (`ganrm demo` without --methods) runs these: all but "fk", whose five stochastic runs (about 14 CPU
-# minutes) would take the demo past its 45 minutes; `--methods selection,fk,sft,dpo,prdp,rounds` adds them.
+# `make demo` (`ganrm demo` without --methods) runs these: all but "fk", whose five stochastic runs cost about 14 more
+# CPU minutes (make demo already took 53.5 from a fresh clone, over its 45); `--methods ...,fk` adds them.
 DEFAULT_METHODS = ("selection", "sft", "dpo", "prdp", "rounds")
 # Seed ranges that never overlap: reward-model negatives, its bootstrapping pool, the evaluation set every row
 # shares, and the tuning set where settings are chosen. The trainers draw their own samples below 10^7.
