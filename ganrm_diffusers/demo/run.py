@@ -26,6 +26,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ganrm_diffusers.demo.report import goals, write_report
+from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.reward.training import RewardTrainingConfig, fit_reward_model, roc_auc, save_training_outputs
 from ganrm_diffusers.utils.plots import score_grid
@@ -388,11 +389,10 @@ def _selection_rows(
         if augmented_model is not None and not suffix:
             name = f"{full_name}_brightness_augmented_rm"
             full = runs[full_name]
-            picks = augmented_model.score(full.candidate_images).view(-1, n).argmax(1)
-            images = full.candidate_images[torch.arange(len(picks)) * n + picks]
+            picks = select_top_k(augmented_model.score(full.candidate_images), 1, group_size=n).selected
             rows.add(
                 name,
-                images,
+                full.candidate_images[picks],
                 plan.digits,
                 unet_evaluations=full.unet_rows,
                 seconds=full.seconds,

@@ -55,7 +55,7 @@ from ganrm_diffusers.generation.pruning import (
     predicted_clean_latents,
     select_scheduler_state,
 )
-from ganrm_diffusers.generation.sampling import Conditioning, decode_latents, guided_noise_pred
+from ganrm_diffusers.generation.sampling import Conditioning, decode_latents, guidance_embedding, guided_noise_pred
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.utils.errors import GanrmError
@@ -421,7 +421,7 @@ class RewardGuidedMixin:
             conditioning,
             self.guidance_scale,
             chunk,
-            timestep_cond=self._timestep_cond(1, latents),
+            timestep_cond=guidance_embedding(self, self.guidance_scale),
             guidance_rescale=self.guidance_rescale,
             cross_attention_kwargs=self.cross_attention_kwargs,
         )
@@ -445,14 +445,6 @@ class RewardGuidedMixin:
                 f"{tuple(live.latents.shape)}"
             )
         return latents
-
-    def _timestep_cond(self, batch: int, latents: torch.Tensor) -> torch.Tensor | None:
-        """The guidance embedding of guidance-distilled UNets (LCM), as the base pipeline computes it."""
-        if self.unet.config.time_cond_proj_dim is None:
-            return None
-        scale = torch.tensor(self.guidance_scale - 1).repeat(batch)
-        embedding = self.get_guidance_scale_embedding(scale, embedding_dim=self.unet.config.time_cond_proj_dim)
-        return embedding.to(device=latents.device, dtype=latents.dtype)
 
     def _checkpoint(
         self,

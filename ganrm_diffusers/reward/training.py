@@ -305,14 +305,12 @@ def add_brightness_views(
     order), appended with their image's label and text. Validation images get none: they stay unseen."""
     train_idx, val_idx = split
     owners = [(side, row) for side in sides for row in range(len(side.embeddings))]
+    originals = [owners[index][0].pixels(owners[index][1]) for index in train_idx.tolist()]  # read once
     generator = torch.Generator().manual_seed(config.seed + 7919)
     features, labels, texts = [], [], []
     for _ in tqdm(range(config.augment_copies), desc="brightness views", leave=False):
         gains = brightness_gains(len(train_idx), config.brightness_jitter, generator)
-        views = [
-            (owners[index][0].pixels(owners[index][1]) * gain).clamp(0, 1)
-            for index, gain in zip(train_idx.tolist(), gains.tolist(), strict=True)
-        ]
+        views = [(pixels * gain).clamp(0, 1) for pixels, gain in zip(originals, gains.tolist(), strict=True)]
         features.append(model.encoder.encode_images(views).to(dataset.features))
         labels.append(dataset.labels[train_idx])
         texts.append(None if dataset.text is None else dataset.text[train_idx])
