@@ -138,6 +138,21 @@ def test_sampler_passes_the_guidance_embedding_of_a_distilled_unet(eta):
         assert_relative_close(rescored, trajectory.log_probs[:, 1], 1e-4, "rescored step of a distilled UNet")
 
 
+def test_the_pipeline_passes_the_guidance_embedding_of_a_distilled_unet(tiny_reward_model):
+    pipe = lcm_style_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seeds = [11, 12, 13, 14]
+    common = {"num_inference_steps": 3, "guidance_scale": 4.0, "output_type": "latent"}
+    expected = pipe(
+        PROMPTS, num_images_per_prompt=2, generator=[torch.Generator().manual_seed(seed) for seed in seeds], **common
+    ).images
+    guided = RewardGuidedPipeline.from_pipe(pipe, reward_model=tiny_reward_model)
+    out = guided(PROMPTS, num_candidates=2, seeds=seeds, return_candidates=True, **common)
+    # Every candidate against diffusers' own image of its seed (a missing embedding moves them by 1e-1 or more).
+    assert_relative_close(out.candidates, expected, 1e-4, "reward-guided candidates of a distilled UNet vs diffusers'")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2b. NaN in reward-model training
 
