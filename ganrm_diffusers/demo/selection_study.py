@@ -8,7 +8,8 @@ selected, with its cost; the demo judges the images. Runs:
 - `best_of_8_pruned`: best-of-N with the given `PruneSchedule` (chosen on tuning seeds by `pruning_sweep`);
 - with `stochastic=True`, `best_of_8_eta1`, `best_of_8_pruned_eta1`, `fk_resample_same_cost_as_pruned` and
   `fk_4_particles`: Feynman-Kac-style resampling needs a stochastic sampler, so FK is compared with best-of-N and
-  pruning run with the same DDIM eta = 1 and the same seeds.
+  pruning run with the same DDIM eta = 1 and the same seeds (for a flow-matching pipeline: the stochastic flow
+  step at `stochastic_eta`, its noise level, with the rows suffixed `stochastic_suffix`).
 
 `random_pick` turns a full run into the `random_candidate` row: one of the N candidates of each prompt, drawn
 uniformly with a fixed seed, the same cost as best-of-N and no reward. `pruning_sweep` simulates many pruning
@@ -23,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
-from ganrm_diffusers.generation.pipeline import RewardGuidedPipeline
-from ganrm_diffusers.generation.pruning import FKResampling, PruneSchedule, count_unet_rows
+from ganrm_diffusers.generation.pipeline import load_reward_guided_pipeline, reward_guided_class_for
+from ganrm_diffusers.generation.pruning import FKResampling, PruneSchedule, count_model_rows
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.reward.model import GANRewardModel
 
@@ -56,7 +58,7 @@ class _Run:
 
 
 def _run(
-    pipe: RewardGuidedPipeline,
+    pipe: DiffusionPipeline,
     prompts: list[str],
     seeds: list[int],
     num_candidates: int,
@@ -71,7 +73,7 @@ def _run(
         part = prompts[start : start + prompts_per_call]
         part_seeds = seeds[start * num_candidates : (start + len(part)) * num_candidates]
         begin = time.perf_counter()
-        with count_unet_rows(pipe.unet) as counter:
+        with count_model_rows(pipe.denoiser) as counter:
             output = pipe(
                 part,
                 num_candidates=num_candidates,
@@ -98,7 +100,7 @@ def _run(
 
 
 def selection_runs(
-    pipeline: str | Path | RewardGuidedPipeline,
+    pipeline: str | Path | DiffusionPipeline,
     reward_model: GANRewardModel,
     prompts: list[str],
     seeds: list[int],
@@ -108,6 +110,8 @@ def selection_runs(
     num_inference_steps: int = 25,
     guidance_scale: float = 2.0,
     stochastic: bool = True,
+    stochastic_eta: float = 1.0,
+    stochastic_suffix: str = "_eta1",
     fk_lambda: float = 2.0,
     prompts_per_call: int = 50,
     progress: bool = True,
@@ -148,13 +152,14 @@ def selection_runs(
 
     runs = {name: run(name, keep_candidates=True), f"{name}_pruned": run(f"{name} pruned", prune=schedule)}
     if stochastic:
-        runs[f"{name}_eta1"] = run(f"{name} eta=1", keep_candidates=True, eta=1.0)
-        runs[f"{name}_pruned_eta1"] = run(f"{name} pruned eta=1", prune=schedule, eta=1.0)
+        eta, suffix = stochastic_eta, stochastic_suffix
+        runs[f"{name}{suffix}"] = run(f"{name} eta={eta:g}", keep_candidates=True, eta=eta)
+        runs[f"{name}_pruned{suffix}"] = run(f"{name} pruned eta={eta:g}", prune=schedule, eta=eta)
         same_cost = FKResampling(at=schedule.at, keep=schedule.keep, lambda_=fk_lambda)
-        runs["fk_resample_same_cost_as_pruned"] = run("FK same cost", prune=same_cost, eta=1.0)
+        runs["fk_resample_same_cost_as_pruned"] = run("FK same cost", prune=same_cost, eta=eta)
         half = num_candidates // 2
         particles = FKResampling(at=(0.2, 0.4, 0.6), lambda_=fk_lambda)
-        runs[f"fk_{half}_particles"] = run(f"FK {half} particles", candidates=half, prune=particles, eta=1.0)
+        runs[f"fk_{half}_particles"] = run(f"FK {half} particles", candidates=half, prune=particles, eta=eta)
     return runs
 
 
@@ -207,7 +212,7 @@ class _Probe:
 
 
 def _probe(
-    pipe: RewardGuidedPipeline,
+    pipe: DiffusionPipeline,
     judges: object | None,
     prompts_per_digit: int,
     num_candidates: int,
@@ -274,7 +279,7 @@ def _simulated_choice(schedule: PruneSchedule, probe: _Probe) -> torch.Tensor:
 
 
 def pruning_sweep(
-    pipeline: str | Path | RewardGuidedPipeline,
+    pipeline: str | Path | DiffusionPipeline,
     reward_model: GANRewardModel,
     judges: object,
     schedules: dict[str, PruneSchedule],
@@ -330,11 +335,14 @@ def pruning_sweep(
     return rows
 
 
-def _reward_guided(pipeline: str | Path | RewardGuidedPipeline, reward_model: GANRewardModel) -> RewardGuidedPipeline:
+def _reward_guided(pipeline: str | Path | DiffusionPipeline, reward_model: GANRewardModel) -> DiffusionPipeline:
+    """The reward-guided pipeline of the pipeline's family (a UNet or a flow-matching one), from a folder or
+    wrapping a loaded pipeline."""
     if isinstance(pipeline, (str, Path)):
-        pipe = RewardGuidedPipeline.from_pretrained(pipeline, reward_model=reward_model)
+        pipe = load_reward_guided_pipeline(pipeline, reward_model=reward_model)
     else:
-        pipe = RewardGuidedPipeline.from_pipe(pipeline, reward_model=reward_model)
+        family = reward_guided_class_for({"_class_name": type(pipeline).__name__})
+        pipe = family.from_pipe(pipeline, reward_model=reward_model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -10,8 +10,12 @@ wraps an already loaded pipeline the diffusers way:
 
 Every candidate has its own seed and noise generator, so a returned image is exactly what the plain base pipeline
 makes from that seed: `StableDiffusionPipeline(...)(prompt, generator=torch.Generator("cpu").manual_seed(seed))`
-with the same settings. Candidates are scored on their decoded tensors, on the device. The shared logic lives in
-`RewardGuidedMixin`; the two pipelines differ only in how they build the text conditioning and finish images.
+with the same settings. Candidates are scored on their decoded tensors, on the device.
+
+One loop serves every model family: `RewardGuidedMixin.__call__` (candidates, checkpoints, selection, outputs). A
+family is a thin adapter of hooks (text conditioning, timesteps, starting noise, the model call with its guidance,
+the sampler step, decoding): `UNetFamilyMixin` here for UNet pipelines, `FlowFamilyMixin` in `pipeline_flow.py`
+for flow-matching transformers (SD3.x, FLUX.1). `load_reward_guided_pipeline` picks the family of a saved pipeline.
 """
 
 from __future__ import annotations
@@ -222,10 +226,10 @@ EXAMPLE_DOC_STRING = """
 
 
 class RewardGuidedMixin:
-    """Best-of-N with a reward model over a diffusers text-to-image pipeline (shared by the SD and SDXL classes).
+    """Best-of-N with a reward model over a diffusers text-to-image pipeline, whatever its model family.
 
-    A subclass provides `_encode_conditioning` (the text conditioning of each prompt, as a `Conditioning`) and
-    `_finish_images` (safety checker or watermark), and registers a `reward_model` component.
+    A family adapter provides the hooks of the last section below (`UNetFamilyMixin`, `FlowFamilyMixin`); a
+    pipeline class combines one adapter with the base diffusers pipeline and registers a `reward_model` component.
     """
 
     default_guidance_scale: float = 7.5
@@ -322,18 +326,12 @@ class RewardGuidedMixin:
         conditioning = self._encode_conditioning(prompts, negative_prompt, height, width, device, **conditioning_kwargs)
 
         # 2. Timesteps, and each candidate's noise drawn from its own generator, as the base pipeline draws it.
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        timesteps, num_inference_steps = self._prepare_timesteps(
+            num_inference_steps, device, timesteps, sigmas, height, width
         )
         generators = [torch.Generator("cpu").manual_seed(value) for value in seeds]
-        latents = self.prepare_latents(
-            len(seeds),
-            self.unet.config.in_channels,
-            height,
-            width,
-            conditioning.prompt_embeds.dtype,
-            device,
-            generators,
+        latents = self._prepare_candidate_latents(
+            len(seeds), height, width, conditioning.prompt_embeds.dtype, device, generators
         )
         live = _LiveCandidates(latents, torch.arange(len(seeds)), generators, len(prompts), num_candidates)
         run = schedule.start(len(timesteps), top_k, seeds, num_candidates) if schedule is not None else None
@@ -351,9 +349,8 @@ class RewardGuidedMixin:
                 if self.interrupt:
                     continue
                 latents_before = live.latents
-                noise_pred = self._guided_noise(latents_before, t, live_conditioning, chunk)
-                step_kwargs = self.prepare_extra_step_kwargs(live.generators, eta)
-                step = self.scheduler.step(noise_pred, t, latents_before, **step_kwargs, return_dict=True)
+                noise_pred = self._model_output(latents_before, t, live_conditioning, chunk)
+                step = self._denoise_step(noise_pred, t, i, latents_before, live.generators, eta)
                 live.latents = step.prev_sample
                 if callback_on_step_end is not None:
                     live.latents = self._step_end(callback_on_step_end, callback_inputs, i, t, live, noise_pred)
@@ -409,23 +406,6 @@ class RewardGuidedMixin:
     # ----------------------------------------------------------------------------------------------------------
     # Steps of a call
 
-    def _guided_noise(
-        self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, chunk: int
-    ) -> torch.Tensor:
-        """The (classifier-free guided) noise prediction of every live candidate, `chunk` candidates per UNet call."""
-        return guided_noise_pred(
-            self.unet,
-            self.scheduler,
-            latents,
-            t,
-            conditioning,
-            self.guidance_scale,
-            chunk,
-            timestep_cond=guidance_embedding(self, self.guidance_scale),
-            guidance_rescale=self.guidance_rescale,
-            cross_attention_kwargs=self.cross_attention_kwargs,
-        )
-
     def _step_end(
         self,
         callback: Callable[..., dict],
@@ -477,7 +457,7 @@ class RewardGuidedMixin:
         self, latents: torch.Tensor, prompts: list[str], prompt_rows: torch.Tensor, chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1] (on the VAE's device) and their rewards (CPU), `chunk` at a time, no PIL round trip."""
-        images = decode_latents(self, latents, chunk)
+        images = self._decode(latents, chunk)
         texts = [prompts[row] for row in prompt_rows.tolist()]
         scores = self.reward_model.score(images, texts, batch_size=chunk, value_range=(0.0, 1.0))
         return images, scores.float().cpu()
@@ -526,7 +506,8 @@ class RewardGuidedMixin:
     def _check_schedule(self, schedule: CandidateSchedule | None, eta: float) -> None:
         """FK resampling duplicates particles; on deterministic steps the copies never diverge, so the call would
         silently return copies of one image (top_k could return the same image twice)."""
-        if isinstance(schedule, FKResampling) and deterministic_steps(self.scheduler, eta):
+        self._check_eta(eta)
+        if isinstance(schedule, FKResampling) and self._is_deterministic(eta):
             raise ScheduleError(
                 f"FKResampling needs a stochastic sampler, but {type(self.scheduler).__name__} with eta={eta} adds no "
                 "noise: resampled copies of a particle would stay identical (and top_k could return one image "
@@ -551,18 +532,11 @@ class RewardGuidedMixin:
             raise PipelineInputError(f"top_k must be between 1 and num_candidates ({num_candidates}), got {top_k}")
         if output_type not in OUTPUT_TYPES:
             raise PipelineInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if height % 8 or width % 8:
-            raise PipelineInputError(f"height and width must be divisible by 8, got {height}x{width}")
+        multiple = self._size_multiple()
+        if height % multiple or width % multiple:
+            raise PipelineInputError(f"height and width must be divisible by {multiple}, got {height}x{width}")
         if candidate_batch_size is not None and candidate_batch_size < 1:
             raise PipelineInputError(f"candidate_batch_size must be at least 1, got {candidate_batch_size}")
-
-    def load_lora_weights(
-        self, pretrained_model_name_or_path_or_dict: object, adapter_name: str | None = None, **kwargs
-    ):
-        """diffusers' `load_lora_weights`, after checking that the LoRA was made for this base model (a LoRA for
-        another architecture fails with a `LoraCompatibilityError` naming both, before anything is loaded)."""
-        check_lora_compatible(pretrained_model_name_or_path_or_dict, self.unet, kwargs.get("weight_name"))
-        return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> DiffusionPipeline:
@@ -572,11 +546,146 @@ class RewardGuidedMixin:
             kwargs["torch_dtype"] = pipeline.dtype  # diffusers' from_pipe casts to float32 by default
         return super().from_pipe(pipeline, **kwargs)
 
+    # ----------------------------------------------------------------------------------------------------------
+    # What a model family's adapter provides (see `UNetFamilyMixin` here and `generation/pipeline_flow.py`)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The model evaluated at every step (a UNet, or a flow-matching transformer)."""
+        raise NotImplementedError
+
+    def _encode_conditioning(
+        self, prompts: list[str], negative_prompt, height: int, width: int, device: torch.device, **kwargs
+    ) -> Conditioning:
+        """The text conditioning of each prompt (one row per prompt), with the family's own encoders."""
+        raise NotImplementedError
+
+    def _prepare_timesteps(
+        self,
+        num_inference_steps: int,
+        device: torch.device,
+        timesteps: list[int] | None,
+        sigmas: list[float] | None,
+        height: int,
+        width: int,
+    ) -> tuple[torch.Tensor, int]:
+        """Set the scheduler's timesteps as the base pipeline does; returns (timesteps, number of steps)."""
+        raise NotImplementedError
+
+    def _prepare_candidate_latents(
+        self,
+        count: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generators: list[torch.Generator],
+    ) -> torch.Tensor:
+        """The starting noise of `count` candidates, each drawn from its own generator as the base pipeline draws
+        a batch of one, so that a candidate's seed regenerates it."""
+        raise NotImplementedError
+
+    def _model_output(
+        self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, chunk: int
+    ) -> torch.Tensor:
+        """The (guided) model output of every live candidate, `chunk` candidates per model call."""
+        raise NotImplementedError
+
+    def _denoise_step(
+        self,
+        model_output: torch.Tensor,
+        t: torch.Tensor,
+        step_index: int,
+        latents: torch.Tensor,
+        generators: list[torch.Generator],
+        eta: float,
+    ) -> object:
+        """One sampler step; returns an object with `prev_sample` (and `pred_original_sample` where known)."""
+        raise NotImplementedError
+
+    def _decode(self, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1], decoded as the base pipeline decodes them."""
+        raise NotImplementedError
+
+    def _finish_images(
+        self, images: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, list[bool] | None]:
+        """What the base pipeline does to its images after decoding (safety checker, watermark); None: nothing."""
+        return images, None
+
+    def _is_deterministic(self, eta: float) -> bool:
+        """Whether the sampler adds no noise (FK resampling would then duplicate particles for nothing)."""
+        raise NotImplementedError
+
+    def _check_eta(self, eta: float) -> None:
+        if eta < 0:
+            raise PipelineInputError(f"eta must be >= 0, got {eta}")
+
+    def _size_multiple(self) -> int:
+        """Image sizes must be multiples of this."""
+        return 8
+
+    def _default_image_size(self) -> int:
+        raise NotImplementedError
+
+
+class UNetFamilyMixin(RewardGuidedMixin):
+    """The adapter for UNet + DDIM-family pipelines (SD 1.x/2.x, SDXL): classifier-free guidance batched as
+    [unconditional; conditional], the scheduler's own step (eta for DDIM), x0 from the scheduler."""
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    def _prepare_timesteps(self, num_inference_steps, device, timesteps, sigmas, height, width):
+        return retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+
+    def _prepare_candidate_latents(self, count, height, width, dtype, device, generators):
+        return self.prepare_latents(count, self.unet.config.in_channels, height, width, dtype, device, generators)
+
+    def _model_output(self, latents, t, conditioning, chunk):
+        return self._guided_noise(latents, t, conditioning, chunk)
+
+    def _guided_noise(
+        self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, chunk: int
+    ) -> torch.Tensor:
+        """The (classifier-free guided) noise prediction of every live candidate, `chunk` candidates per UNet call."""
+        return guided_noise_pred(
+            self.unet,
+            self.scheduler,
+            latents,
+            t,
+            conditioning,
+            self.guidance_scale,
+            chunk,
+            timestep_cond=guidance_embedding(self, self.guidance_scale),
+            guidance_rescale=self.guidance_rescale,
+            cross_attention_kwargs=self.cross_attention_kwargs,
+        )
+
+    def _denoise_step(self, model_output, t, step_index, latents, generators, eta):
+        step_kwargs = self.prepare_extra_step_kwargs(generators, eta)
+        return self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=True)
+
+    def _decode(self, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+        return decode_latents(self, latents, chunk)
+
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: object, adapter_name: str | None = None, **kwargs
+    ):
+        """diffusers' `load_lora_weights`, after checking that the LoRA was made for this base model (a LoRA for
+        another architecture fails with a `LoraCompatibilityError` naming both, before anything is loaded)."""
+        check_lora_compatible(pretrained_model_name_or_path_or_dict, self.denoiser, kwargs.get("weight_name"))
+        return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+
+    def _is_deterministic(self, eta: float) -> bool:
+        return deterministic_steps(self.scheduler, eta)
+
     def _default_image_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
 
-class RewardGuidedPipeline(RewardGuidedMixin, StableDiffusionPipeline):
+class RewardGuidedPipeline(UNetFamilyMixin, StableDiffusionPipeline):
     """Best-of-N Stable Diffusion 1.x/2.x with a GAN-RM reward model (see `RewardGuidedMixin.__call__`)."""
 
     _optional_components = [*StableDiffusionPipeline._optional_components, "reward_model"]
@@ -640,7 +749,7 @@ class RewardGuidedPipeline(RewardGuidedMixin, StableDiffusionPipeline):
         return (checked / 2 + 0.5).clamp(0, 1), nsfw
 
 
-class RewardGuidedXLPipeline(RewardGuidedMixin, StableDiffusionXLPipeline):
+class RewardGuidedXLPipeline(UNetFamilyMixin, StableDiffusionXLPipeline):
     """Best-of-N SDXL with a GAN-RM reward model (see `RewardGuidedMixin.__call__`; SDXL's own conditioning
     arguments prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size and their negative_*
     counterparts are accepted as keywords)."""
@@ -738,21 +847,64 @@ class RewardGuidedXLPipeline(RewardGuidedMixin, StableDiffusionXLPipeline):
         return (self.watermark.apply_watermark(images * 2 - 1) / 2 + 0.5).clamp(0, 1), None
 
 
+# The families a reward-guided pipeline exists for: name -> (its class, the diffusers pipeline classes it serves,
+# the denoiser class that identifies a pipeline saved under another class name). Classes are named, not imported:
+# the flow-matching module imports this one.
+FAMILIES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "Stable Diffusion 1.x/2.x": (
+        "RewardGuidedPipeline",
+        ("StableDiffusionPipeline", "LatentConsistencyModelPipeline"),
+        "UNet2DConditionModel",
+    ),
+    "SDXL": ("RewardGuidedXLPipeline", ("StableDiffusionXLPipeline",), "UNet2DConditionModel"),
+    "SD3.x": ("RewardGuidedSD3Pipeline", ("StableDiffusion3Pipeline",), "SD3Transformer2DModel"),
+    "FLUX.1": ("RewardGuidedFluxPipeline", ("FluxPipeline",), "FluxTransformer2DModel"),
+}
+
+
+class UnsupportedPipelineError(PipelineInputError):
+    """A pipeline of a model family that has no reward-guided pipeline."""
+
+
+def reward_guided_class_for(model_index: dict) -> type[DiffusionPipeline]:
+    """The reward-guided pipeline class for a pipeline's model_index.json: by its class name, or (for a pipeline
+    saved under another name) by its denoiser's class, UNets told apart by SDXL's second text encoder."""
+    class_name = str(model_index.get("_class_name", ""))
+    family = next(
+        (name for name, (ours, bases, _) in FAMILIES.items() if class_name == ours or class_name in bases), None
+    )
+    if family is None:
+        denoiser = model_index.get("transformer") or model_index.get("unet") or [None, None]
+        matches = [name for name, (_, _, model) in FAMILIES.items() if denoiser[1] == model]
+        if len(matches) > 1:  # SD and SDXL share the UNet class
+            matches = [name for name in matches if (name == "SDXL") == ("text_encoder_2" in model_index)]
+        family = matches[0] if matches else None
+    if family is None:
+        raise UnsupportedPipelineError(
+            f"{class_name or 'this pipeline'} is not a model family with a reward-guided pipeline; supported "
+            f"families: {', '.join(f'{name} ({FAMILIES[name][1][0]})' for name in FAMILIES)}"
+        )
+    from ganrm_diffusers.generation import pipeline_flow
+
+    class_name = FAMILIES[family][0]
+    return globals().get(class_name) or getattr(pipeline_flow, class_name)
+
+
 def load_reward_guided_pipeline(
     pretrained_model_name_or_path: str | os.PathLike,
     reward_model: GANRewardModel | None = None,
     **kwargs: object,
-) -> RewardGuidedPipeline | RewardGuidedXLPipeline:
-    """Load an SD 1.x/2.x or SDXL pipeline (folder or Hub id) as the matching reward-guided pipeline; a
-    `reward_model` given here replaces one saved with the pipeline."""
+) -> DiffusionPipeline:
+    """Load a pipeline (folder or Hub id) of a supported family (see `FAMILIES`: SD 1.x/2.x, SDXL, SD3.x, FLUX.1)
+    as its reward-guided pipeline; a `reward_model` given here replaces one saved with the pipeline. Any other
+    family fails with an `UnsupportedPipelineError` naming the supported ones, before weights are read."""
     try:
         config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
     except (OSError, ValueError) as error:
         raise PipelineInputError(
             f"cannot read a diffusers pipeline from {pretrained_model_name_or_path}: {error}"
         ) from error
-    is_sdxl = "text_encoder_2" in config or "XL" in str(config.get("_class_name", ""))
-    pipeline_class = RewardGuidedXLPipeline if is_sdxl else RewardGuidedPipeline
+    pipeline_class = reward_guided_class_for(config)
     if reward_model is not None:
         kwargs["reward_model"] = reward_model
     return pipeline_class.from_pretrained(pretrained_model_name_or_path, **kwargs)

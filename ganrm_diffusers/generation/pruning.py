@@ -11,12 +11,12 @@ decodes and scores those predictions, and which candidates go on:
   without pruning (the same noise, the same steps), so pruning only decides which seeds are finished.
 - `FKResampling(...)`: in the spirit of Feynman-Kac steering (Singhal et al., 2025), candidates are particles that
   are resampled in proportion to a potential of their intermediate reward: good particles are duplicated, bad ones
-  dropped. Copies only diverge if the sampler adds noise (DDIM with eta > 0, or an ancestral scheduler): on a
-  deterministic sampler FK is refused (it would return copies of one image). A resampled image no longer comes from
+  dropped. Copies only diverge if the sampler adds noise (DDIM with eta > 0, an ancestral scheduler, or the
+  stochastic flow step of flow-matching pipelines with eta > 0): on a deterministic sampler FK is refused (it would return copies of one image). A resampled image no longer comes from
   one seed alone: the pipeline returns its `Lineage` and no seed for it (it is reproducible from the same call).
 
 Costs are counted in UNet evaluations: one latent through the UNet for one step (classifier-free guidance puts two
-rows through the UNet per evaluation; `count_unet_rows` counts rows, as a hook sees them).
+rows through the UNet per evaluation; `count_model_rows` counts rows, as a hook sees them).
 """
 
 from __future__ import annotations
@@ -327,17 +327,27 @@ def predicted_clean_latents(
 
 
 @contextmanager
-def count_unet_rows(unet: torch.nn.Module) -> Iterator[list[int]]:
-    """Count the rows (latents) that go through `unet.forward` inside the block: `with count_unet_rows(u) as n:`,
-    then `n[0]`. With classifier-free guidance each evaluation puts two rows through the UNet."""
+def count_model_rows(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Count the rows (latents) that go through `model.forward` (a UNet or a flow-matching transformer) inside the
+    block: `with count_model_rows(m) as n:`, then `n[0]`. With classifier-free guidance batched as in SD and SD3,
+    each evaluation puts two rows through the model; FLUX's true CFG makes two calls of one row."""
     counter = [0]
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         counter[0] += int(sample.shape[0])
 
-    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield counter
     finally:
         handle.remove()
+
+
+count_unet_rows = count_model_rows  # the name before flow-matching transformers
+
+
+def denoiser_of(pipe: object) -> torch.nn.Module:
+    """The model a pipeline evaluates at every step: its UNet, or its flow-matching transformer."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer

@@ -209,10 +209,17 @@ def guided_noise_pred(
     return torch.cat(predictions)
 
 
+def _shift_factor(vae: torch.nn.Module) -> float:
+    """The latent shift of SD3 / FLUX VAEs (latents = (z - shift) * scale); 0 for SD and SDXL, whose configs
+    have none."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
 @torch.no_grad()
 def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1], float32, decoded as the pipeline decodes them (SDXL's latent statistics and
-    fp16 VAE upcasting included), `chunk_size` latents at a time."""
+    """Images (B, 3, H, W) in [0, 1], float32, decoded as the pipeline decodes them (SDXL's latent statistics,
+    SD3 / FLUX's shift and fp16 VAE upcasting included), `chunk_size` latents at a time. FLUX's packed latents are
+    unpacked by its pipeline first."""
     vae = pipe.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:  # the fp16 SD/SDXL VAEs overflow; diffusers decodes them in float32 too
@@ -227,7 +234,7 @@ def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor, chunk_size: i
                 part = part * torch.tensor(std).view(shape).to(part) / vae.config.scaling_factor
                 part = part + torch.tensor(mean).view(shape).to(part)
             else:
-                part = part / vae.config.scaling_factor
+                part = part / vae.config.scaling_factor + _shift_factor(vae)
             images.append(vae.decode(part, return_dict=False)[0].float())
     finally:
         if upcast:
@@ -254,7 +261,7 @@ def encode_images(pipe: DiffusionPipeline, images: torch.Tensor, chunk_size: int
                 encoded = (encoded - torch.tensor(mean).view(shape).to(encoded)) * vae.config.scaling_factor
                 encoded = encoded / torch.tensor(std).view(shape).to(encoded)
             else:
-                encoded = encoded * vae.config.scaling_factor
+                encoded = (encoded - _shift_factor(vae)) * vae.config.scaling_factor
             latents.append(encoded)
     finally:
         if upcast:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ganrm_diffusers.generation.pruning import count_unet_rows
+from ganrm_diffusers.generation.pruning import count_model_rows, denoiser_of
 
 
 @dataclass(frozen=True)
@@ -53,20 +53,26 @@ class SampleSet:
 
 
 def sample_digits(
-    pipe: object, world: object, plan: EvaluationPlan, batch_size: int = 100, desc: str = "samples"
+    pipe: object,
+    world: object,
+    plan: EvaluationPlan,
+    batch_size: int = 100,
+    desc: str = "samples",
+    sampling_kwargs: dict | None = None,
 ) -> SampleSet:
-    """One sample per prompt of `plan` at the world's recommended settings, from each prompt's single seed."""
+    """One sample per prompt of `plan` at `sampling_kwargs` (default: the world's recommended settings for its UNet
+    generator), from each prompt's single seed."""
     digits, seeds = plan.digits, plan.single_seeds
     images = []
     started = time.perf_counter()
-    with count_unet_rows(pipe.unet) as rows:
+    with count_model_rows(denoiser_of(pipe)) as rows:
         for start in tqdm(range(0, len(digits), batch_size), desc=desc, leave=False):
             batch = slice(start, start + batch_size)
             output = pipe(
                 prompt=[world.prompts[digit] for digit in digits[batch]],
                 generator=[torch.Generator().manual_seed(seed) for seed in seeds[batch]],
                 output_type="pt",
-                **world.sampling_kwargs,
+                **(world.sampling_kwargs if sampling_kwargs is None else sampling_kwargs),
             )
             images.append(output.images.float().cpu())
     return SampleSet(torch.cat(images), digits, sum(rows), time.perf_counter() - started)
