@@ -53,6 +53,8 @@ lint: install
 bench: install
 	$(BIN)/python bench/scoring.py --out $(BENCH_OUT)/scoring.json
 	$(BIN)/python bench/best_of_n.py --out $(BENCH_OUT)/best_of_n.json
+	$(BIN)/python bench/best_of_n.py --family sd3 --out $(BENCH_OUT)/best_of_n_sd3.json
+	$(BIN)/python bench/best_of_n.py --family flux --out $(BENCH_OUT)/best_of_n_flux.json
 	$(BIN)/python bench/train_step.py --out $(BENCH_OUT)/train_step.json
 
 # README's results and speed figures, rewritten from `make demo`'s report and `make bench`'s files (run both first).

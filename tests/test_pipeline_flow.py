@@ -193,3 +193,20 @@ def test_the_stochastic_step_refuses_a_foreign_scheduler(pipe, family):
     foreign = type(pipe).from_pipe(pipe, scheduler=DDIMScheduler())
     with pytest.raises(PipelineInputError, match="FlowMatchEulerDiscreteScheduler"):
         call(foreign, family, num_candidates=2, seed=0, eta=0.5)
+
+
+def test_ganrm_sample_writes_a_flow_pipelines_candidates(reward_model, tmp_path):
+    """`ganrm sample` on a saved SD3 reward-guided folder: the same imagefolder dataset as for UNet pipelines."""
+    from ganrm_diffusers.cli.main import main
+
+    folder = tmp_path / "sd3"
+    RewardGuidedSD3Pipeline.from_pipe(tiny_sd3_pipeline(), reward_model=reward_model).save_pretrained(folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit 1\na handwritten digit 2\n")
+    args = ["sample", "--pipeline", str(folder), "--prompts", str(prompts), "--num_candidates", "2"]
+    args += ["--num_inference_steps", "3", "--seed", "7", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    assert [record["seed"] for record in records] == [7, 8, 9, 10]
+    assert sorted(record["rank"] for record in records[:2]) == [0, 1]
+    assert all((tmp_path / "out" / record["file_name"]).is_file() for record in records)

@@ -41,10 +41,18 @@ from ganrm_diffusers.reward.model import GANRewardModel
 
 @dataclass
 class FlowStepOutput:
-    """One step of a flow sampler: the next latents and the x0 prediction the step was made from."""
+    """One step of a flow sampler: the next latents, and the x0 prediction the step was made from (computed only
+    when asked for: pruning needs it at its checkpoints, not at every step)."""
 
     prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
+    sigmas: torch.Tensor
+    velocity: torch.Tensor
+    step_index: int
+    sample: torch.Tensor
+
+    @property
+    def pred_original_sample(self) -> torch.Tensor:
+        return flow_predicted_clean(self.sigmas, self.velocity, self.step_index, self.sample)
 
 
 class FlowFamilyMixin(RewardGuidedMixin):
@@ -92,12 +100,11 @@ class FlowFamilyMixin(RewardGuidedMixin):
 
     def _denoise_step(self, model_output, t, step_index, latents, generators, eta):
         sigmas = self.scheduler.sigmas
-        x0 = flow_predicted_clean(sigmas, model_output, step_index, latents)
         if eta == 0:  # the scheduler's own step: exactly the base pipeline's sampler
             prev_sample = self.scheduler.step(model_output, t, latents, return_dict=False)[0]
         else:
             prev_sample, _ = flow_step_with_log_prob(sigmas, model_output, step_index, latents, eta, None, generators)
-        return FlowStepOutput(prev_sample.to(latents.dtype), x0)
+        return FlowStepOutput(prev_sample.to(latents.dtype), sigmas, model_output, step_index, latents)
 
     def _check_eta(self, eta: float) -> None:
         super()._check_eta(eta)
