@@ -53,7 +53,9 @@ class SampleSettings:
     height: int | None = option(None, "image height (default: the pipeline's)")
     width: int | None = option(None, "image width (default: the pipeline's)")
     negative_prompt: str | None = option(None, "negative prompt of every candidate")
-    eta: float = option(0.0, "DDIM eta, or the flow step's noise level in [0, 1) for SD3 / FLUX (0: deterministic steps)")
+    eta: float = option(
+        0.0, "DDIM eta, or the flow step's noise level in [0, 1) for SD3 / FLUX (0: deterministic steps)"
+    )
     seed: int = option(0, "candidate j of prompt i gets seed + i * num_candidates + j")
     # Where the images come from (recorded so that a resumed run cannot mix models; not pipeline arguments).
     pipeline: str | None = option(None, "diffusers SD 1.x/2.x or SDXL pipeline: folder or Hub id")
