@@ -295,6 +295,15 @@ def test_a_run_never_mixes_with_another_runs_checkpoints(assets, tmp_path):
         train_sft.train(replace(config, max_train_steps=3))  # a new run into the old run's folder
 
 
+def test_a_flow_matching_pipeline_is_refused_before_loading(assets, tmp_path):
+    from tiny_models import tiny_flux_pipeline
+
+    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
+    config = replace(configs(assets, "sd", tmp_path)["sft"], pretrained_model=str(tmp_path / "flux"))
+    with pytest.raises(TrainingConfigError, match="FluxPipeline .flow matching."):
+        train_sft.train(config)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # PRDP's chunked gradient is the loss's exact gradient
 

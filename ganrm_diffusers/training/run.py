@@ -97,6 +97,7 @@ def setup_run(config: FinetuneConfig, *, pipe=None, reward_model=None, accelerat
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if pipe is None:
+        _check_trainable_family(config.pretrained_model)
         try:
             pipe = DiffusionPipeline.from_pretrained(config.pretrained_model)
         except (OSError, ValueError) as error:
@@ -148,6 +149,23 @@ def setup_run(config: FinetuneConfig, *, pipe=None, reward_model=None, accelerat
         output_dir=output_dir,
         metrics=MetricsLog(output_dir / METRICS_NAME, accelerator.is_main_process),
     )
+
+
+def _check_trainable_family(pretrained_model: str) -> None:
+    """Refuse a flow-matching pipeline (SD3.x, FLUX.1) before loading its weights: the trainers' DDPM noise schedule
+    and DDIM sampler would silently take its flow-matching scheduler config for DDIM defaults."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(pretrained_model)
+    except (OSError, ValueError):
+        return  # from_pretrained names the problem
+    if "transformer" in index:
+        raise TrainingConfigError(
+            f"{pretrained_model} is a {index.get('_class_name', 'transformer')} (flow matching): the trainers fine-tune "
+            "SD 1.x/2.x and SDXL UNets; flow-matching fine-tuning is not available yet (best-of-N is: "
+            "load_reward_guided_pipeline)"
+        )
 
 
 def make_optimizer(run: FinetuneRun, num_training_steps: int):
