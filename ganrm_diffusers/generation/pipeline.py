@@ -280,6 +280,9 @@ class RewardGuidedMixin:
                 seed + 1, ...), or `generator`, from which seeds are drawn. The seed of each returned image
                 regenerates it with the plain base pipeline: `generator=torch.Generator("cpu").manual_seed(seed)`
                 (under `FKResampling`, None where resampling gave the image another lineage: see `lineages`).
+            eta (`float`, defaults to 0): DDIM's eta for UNet pipelines; for flow-matching ones (SD3, FLUX) the
+                noise level in [0, 1) of the stochastic flow step (`flow_sampling`). 0: the deterministic sampler,
+                whose seeds regenerate with the plain pipeline; FK resampling needs eta > 0.
             candidate_batch_size (`int`, *optional*): candidates per UNet, VAE and reward model call (default: all
                 at once), so many candidates fit where the base pipeline's batch fits. The result does not depend
                 on it.
