@@ -514,7 +514,8 @@ class RewardGuidedMixin:
             raise ScheduleError(
                 f"FKResampling needs a stochastic sampler, but {type(self.scheduler).__name__} with eta={eta} adds no "
                 "noise: resampled copies of a particle would stay identical (and top_k could return one image "
-                "twice). Pass eta > 0 with DDIM, use a stochastic scheduler, or prune with PruneSchedule"
+                "twice). Pass eta > 0 with DDIM (SD3 / FLUX: eta in (0, 1), the stochastic flow step), use a stochastic "
+                "scheduler, or prune with PruneSchedule"
             )
 
     def _check_call(
