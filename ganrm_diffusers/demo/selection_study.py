@@ -115,13 +115,15 @@ def selection_runs(
     fk_lambda: float = 2.0,
     prompts_per_call: int = 50,
     progress: bool = True,
+    **pipeline_kwargs: object,
 ) -> dict[str, _Run]:
-    """The runs of the module docstring on `prompts`, candidate j of prompt i drawn from `seeds[i * N + j]`."""
+    """The runs of the module docstring on `prompts`, candidate j of prompt i drawn from `seeds[i * N + j]`;
+    `pipeline_kwargs` (e.g. SD3's max_sequence_length) go to every pipeline call."""
     if len(seeds) != len(prompts) * num_candidates:
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts x {num_candidates} candidates")
     pipe = _reward_guided(pipeline, reward_model)
     name = f"best_of_{num_candidates}"
-    common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, **pipeline_kwargs}
 
     def run(description: str, keep_candidates: bool = False, candidates: int = num_candidates, **kwargs) -> _Run:
         # Fewer particles: the first seeds of each prompt's candidates.
@@ -222,6 +224,7 @@ def _probe(
     guidance_scale: float,
     prompts_per_call: int,
     progress: bool = True,
+    pipeline_kwargs: dict | None = None,
 ) -> _Probe:
     """One best-of-N run that also scores every candidate's x0 prediction at `fractions` of the steps (a
     `PruneSchedule` that keeps everything), with the seeds `selection_runs` uses (candidate j of prompt i: seed + i * N + j)."""
@@ -240,6 +243,7 @@ def _probe(
             seed=seed + start * num_candidates,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            **(pipeline_kwargs or {}),
             output_type="pt" if judges is not None else "latent",
             prune=probe,
             return_candidates=True,
@@ -291,6 +295,7 @@ def pruning_sweep(
     guidance_scale: float = 2.0,
     prompts_per_call: int = 50,
     progress: bool = True,
+    **pipeline_kwargs: object,
 ) -> dict[str, dict]:
     """Many pruning settings from one probe run (for choosing a default): the rows that `selection_runs` would
     measure for each schedule (top_k = 1), simulated from every candidate's x0 and final rewards, with the UNet
@@ -308,6 +313,7 @@ def pruning_sweep(
         guidance_scale,
         prompts_per_call,
         progress,
+        pipeline_kwargs,
     )
     prompts = probe.final_scores.shape[0]
     rows_index = torch.arange(prompts)
