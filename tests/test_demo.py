@@ -88,6 +88,29 @@ def test_every_method_has_a_judged_row_on_the_same_seeds(demo_out):
     assert "| best_of_8_pruned |" in report_md and "| prdp |" in report_md and "grids/dpo.png" in report_md
 
 
+def test_the_flow_family_has_the_selection_rows_under_the_same_contract(demo_out):
+    report = json.loads((demo_out / "report.json").read_text())
+    family = report["families"]["sd3_flow"]
+    methods = family["methods"]
+    assert family["generator"]["pipeline_class"] == "StableDiffusion3Pipeline"
+    assert math.isfinite(family["reward_model"]["auc"])
+    for name in ("base", "random_candidate", "best_of_8", "best_of_8_pruned", "random_candidate_sde", "best_of_8_sde"):
+        row = methods[name]
+        for key in ROW_FIELDS:
+            assert math.isfinite(row[key]), (name, key)
+        assert row["count"] == family["evaluation"]["prompts"] and (demo_out / row["grid"]).is_file(), name
+    assert methods["best_of_8"]["baseline"] == "random_candidate"
+    assert methods["random_candidate"]["unet_evaluations"] == methods["best_of_8"]["unet_evaluations"]
+    assert methods["best_of_8_pruned"]["unet_evaluations"] < methods["best_of_8"]["unet_evaluations"]
+    for name in ("fk_resample_same_cost_as_pruned", "fk_4_particles", "best_of_8_pruned_sde"):
+        assert methods[name]["baseline"] == "random_candidate_sde", name
+    tuning, evaluation = family["settings"]["tuning"]["seed_range"], family["evaluation"]["seed_range"]
+    assert tuning[0] > evaluation[1] or tuning[1] < evaluation[0]
+    assert family["settings"]["tuning"]["pruning"]["chosen"] in family["settings"]["tuning"]["pruning"]["swept"]
+    assert any(goal["goal"].startswith("best-of-8") for goal in family["goals"])
+    assert "## Family `sd3_flow`" in (demo_out / "report.md").read_text()
+
+
 def test_the_rounds_row_reports_every_round(demo_out):
     report = json.loads((demo_out / "report.json").read_text())
     rounds = report["rounds"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -44,6 +45,103 @@ def test_pipeline_loads_with_plain_diffusers_offline(reduced_world):
     assert torch.equal(output.images[:, 0], output.images[:, 1]) and torch.equal(
         output.images[:, 0], output.images[:, 2]
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The flow-matching generator (pipeline_flow/)
+
+# Weights and images computed twice from the same seed, in this process or another with the same thread count: equal
+# in practice; these tolerances leave room for a different summation order, far below any real difference (a
+# different seed moves images by about 0.1 on average).
+WEIGHT_ATOL = 1e-5
+IMAGE_ATOL = 1e-4
+
+
+def load_plain_flow_pipeline(world) -> StableDiffusion3Pipeline:
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        world.flow_pipeline_dir, text_encoder_3=None, tokenizer_3=None, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flow_images(pipe, world, seed: int, prompt_digits=(3, 7)) -> torch.Tensor:
+    kwargs = {**world.flow_sampling_kwargs, "num_inference_steps": 3}
+    return pipe(
+        [world.prompts[digit] for digit in prompt_digits],
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+        **kwargs,
+    ).images
+
+
+def assert_flow_weights_close(first_root, second_root) -> None:
+    for weights in (
+        "pipeline_flow/transformer/diffusion_pytorch_model.safetensors",
+        "pipeline_flow/vae/diffusion_pytorch_model.safetensors",
+        "pipeline_flow/text_encoder/model.safetensors",
+    ):
+        first, second = load_file(first_root / weights), load_file(second_root / weights)
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.allclose(first[key], second[key], rtol=0, atol=WEIGHT_ATOL), (weights, key)
+
+
+def test_flow_pipeline_loads_with_plain_diffusers_offline(reduced_world):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    pipe = load_plain_flow_pipeline(reduced_world)
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+    assert len(pipe.tokenizer) == len(pipe.tokenizer_2) == 49408
+    assert pipe.tokenizer.model_max_length == reduced_world.flow_sampling_kwargs["max_sequence_length"]
+
+    images = flow_images(pipe, reduced_world, seed=0)
+    size = reduced_world.info["settings"]["image_size"]
+    assert images.shape == (4, 3, size, size)  # the default height and width: the world's image size
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    # The world's autoencoder draws grayscale digits in RGB: the three channels are equal.
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+    assert isinstance(reduced_world.load_flow_pipeline(), StableDiffusion3Pipeline)
+
+
+def test_flow_pipeline_same_seed_same_images(reduced_world):
+    pipe = reduced_world.load_flow_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    first, again = flow_images(pipe, reduced_world, seed=5), flow_images(pipe, reduced_world, seed=5)
+    assert torch.allclose(first, again, rtol=0, atol=IMAGE_ATOL)
+    other = flow_images(pipe, reduced_world, seed=6)
+    assert (other - first).abs().mean() > 100 * IMAGE_ATOL
+
+
+def test_flow_pipeline_reuses_the_world_autoencoder_and_clip(reduced_world):
+    from ganrm_diffusers.world.clip_training import load_clip
+
+    pipe = load_plain_flow_pipeline(reduced_world)
+    unet_vae, flow_vae = (
+        load_file(reduced_world.root / f"{folder}/vae/diffusion_pytorch_model.safetensors")
+        for folder in ("pipeline", "pipeline_flow")
+    )
+    assert unet_vae.keys() == flow_vae.keys()
+    assert all(torch.equal(unet_vae[key], flow_vae[key]) for key in unet_vae)  # copied as they are, not retrained
+    unet_config = json.loads((reduced_world.pipeline_dir / "vae" / "config.json").read_text())
+    assert pipe.vae.config.scaling_factor == unet_config["scaling_factor"]
+    assert abs(pipe.vae.config.shift_factor) < 1.0  # SD3 decodes latents / scaling_factor + shift_factor
+
+    # encode_prompt: both CLIP slots hold the world CLIP's text tower; its pooled embedding is open_clip's encode_text.
+    length = pipe.tokenizer.model_max_length
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        reduced_world.prompts[4], None, None, do_classifier_free_guidance=False, max_sequence_length=length
+    )
+    clip = load_clip(reduced_world.clip_dir)
+    with torch.no_grad():
+        expected = clip.encode_text(open_clip.get_tokenizer(reduced_world.backbone)([reduced_world.prompts[4]]))
+    width = pipe.text_encoder.config.projection_dim
+    assert pooled.shape == (1, 2 * width)
+    assert torch.allclose(pooled[:, :width], expected, atol=1e-5) and torch.allclose(
+        pooled[:, width:], expected, atol=1e-5
+    )
+    assert embeds.shape == (1, 2 * length, pipe.transformer.config.joint_attention_dim)
+    assert (embeds[:, length:] == 0).all()  # the zero rows in T5's place
 
 
 def test_backbone_loads_through_open_clips_factory(reduced_world):
@@ -95,9 +193,12 @@ def test_world_files_and_figures(reduced_world):
     assert reduced_world.prompts == [f"a handwritten digit {d}" for d in range(10)]
     assert reduced_world.prompt_digits == list(range(10))
     assert set(reduced_world.sampling_kwargs) == {"guidance_scale", "num_inference_steps"}
-    for group in ("base", "target", "real_other"):
-        assert {"class_accuracy", "style_rate"} <= set(info["figures"][group])
+    assert set(reduced_world.flow_sampling_kwargs) == {"guidance_scale", "num_inference_steps", "max_sequence_length"}
+    for group in ("base", "base_flow", "target", "real_other"):
+        assert {"class_accuracy", "style_rate", "faint_rate"} <= set(info["figures"][group])
+    assert info["figures"]["base_flow"]["count"] == info["figures"]["base"]["count"]
     assert info["build_seconds"] > 0
+    assert {"generator", "flow_generator", "flow_figures"} <= set(info["phase_seconds"])
 
     target, target_digits = reduced_world.target_images()
     heldout_target, _ = reduced_world.heldout_target_images()
@@ -110,6 +211,7 @@ def test_world_files_and_figures(reduced_world):
     names = {path.name for path in reduced_world.target_dir.glob("*.png")}
     assert names.isdisjoint(path.name for path in reduced_world.heldout_target_dir.glob("*.png"))
     assert (reduced_world.root / "preview.png").is_file()
+    assert (reduced_world.root / "preview_flow.png").is_file()
 
 
 def test_judges_read_real_digits(reduced_world):
@@ -217,6 +319,7 @@ def test_same_seed_builds_the_same_world(reduced_world, tmp_path, capsys):
         first, second = load_file(reduced_world.root / weights), load_file(again.root / weights)
         assert first.keys() == second.keys()
         assert all(torch.equal(first[key], second[key]) for key in first), weights
+    assert_flow_weights_close(reduced_world.root, again.root)
     assert again.info["figures"] == reduced_world.info["figures"]
     assert sorted(p.name for p in again.target_dir.iterdir()) == sorted(
         p.name for p in reduced_world.target_dir.iterdir()
@@ -227,6 +330,86 @@ def test_ensure_world_loads_without_rebuilding(reduced_world):
     stamp = (reduced_world.root / "world.json").stat().st_mtime_ns
     world = ensure_world(reduced_world.root, seed=0, preset="reduced")
     assert world.root == reduced_world.root and (world.root / "world.json").stat().st_mtime_ns == stamp
+
+
+def make_previous_format_world(world, folder):
+    """A copy of `world` as format 2 wrote it: no flow generator, no flow settings, sampling kwargs or figures."""
+    shutil.copytree(world.root, folder)
+    shutil.rmtree(folder / "pipeline_flow")
+    (folder / "preview_flow.png").unlink()
+    info = json.loads((folder / "world.json").read_text())
+    info["format_version"] = 2
+    info["settings"] = {key: value for key, value in info["settings"].items() if not key.startswith("flow_")}
+    del info["flow_sampling"], info["figures"]["base_flow"]
+    info["phase_seconds"] = {key: value for key, value in info["phase_seconds"].items() if not key.startswith("flow_")}
+    (folder / "world.json").write_text(json.dumps(info, indent=2))
+    return folder
+
+
+def snapshot(folder) -> dict:
+    """Every file of a world folder with its bytes and modification time."""
+    return {
+        str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_upgrading_a_previous_format_world_builds_only_the_flow_part(reduced_world, tmp_path, monkeypatch):
+    from ganrm_diffusers.world import build
+
+    old = make_previous_format_world(reduced_world, tmp_path / "world")
+    with pytest.raises(WorldError, match=r"format 2.*upgrade it with `ganrm world build --out .* --reduced`"):
+        load_world(old)
+    before = snapshot(old)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an upgrade trains the flow generator only")
+
+    for module, name in (
+        (build.clip_training, "train_clip"),
+        (build.generator, "train_vae"),
+        (build.generator, "train_unet"),
+        (build.Judges, "fit"),
+    ):
+        monkeypatch.setattr(module, name, must_not_run)
+    world = ensure_world(old, seed=0, preset="reduced")
+
+    after = snapshot(old)
+    added = {name for name in after if name.startswith("pipeline_flow/")} | {"preview_flow.png"}
+    assert set(after) == set(before) | added
+    assert all(after[name] == before[name] for name in before if name != "world.json")  # bytes and mtimes
+    assert_flow_weights_close(reduced_world.root, world.root)
+
+    info, fresh = world.info, reduced_world.info
+    assert info["format_version"] == fresh["format_version"] and info["upgraded_from_format"] == 2
+    assert info["settings"] == fresh["settings"] and info["flow_sampling"] == fresh["flow_sampling"]
+    # Close weights draw the same digits: at most one of the judged samples may fall on the other side of a judge.
+    tolerance = 1 / fresh["figures"]["base_flow"]["count"] + 1e-9
+    for name in ("class_accuracy", "style_rate", "faint_rate", "blank_rate"):
+        assert abs(info["figures"]["base_flow"][name] - fresh["figures"]["base_flow"][name]) <= tolerance, name
+    assert {key: value for key, value in info["figures"].items() if key != "base_flow"} == {
+        key: value for key, value in fresh["figures"].items() if key != "base_flow"
+    }
+    assert info["phase_seconds"]["flow_generator"] > 0 and info["build_seconds"] > fresh["phase_seconds"]["generator"]
+    stamp = (old / "world.json").stat().st_mtime_ns
+    assert ensure_world(old, seed=0, preset="reduced").root == old and (old / "world.json").stat().st_mtime_ns == stamp
+
+
+def test_older_formats_are_rebuilt_not_upgraded(reduced_world, tmp_path):
+    from ganrm_diffusers.world.build import WorldSettings, _upgradable
+
+    old = make_previous_format_world(reduced_world, tmp_path / "world")
+    info = json.loads((old / "world.json").read_text())
+    (old / "world.json").write_text(json.dumps({**info, "format_version": 1}))
+    with pytest.raises(WorldError, match=r"format 1.*rebuild it with `ganrm world build --out"):
+        load_world(old)
+    assert not _upgradable(old, {**info, "format_version": 1})
+    assert _upgradable(old, info) and _upgradable(old, info, 0, WorldSettings.preset_named("reduced"))
+    assert not _upgradable(old, info, 1, WorldSettings.preset_named("reduced"))  # another seed: a full rebuild
+    assert not _upgradable(old, info, 0, WorldSettings.preset_named("full"))
+    other_settings = {**info["settings"], "unet_steps": 9}  # a format-2 world this ganrm would not build
+    assert not _upgradable(old, {**info, "settings": other_settings})
 
 
 def test_missing_world_is_a_clear_error(tmp_path):

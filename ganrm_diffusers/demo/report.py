@@ -35,10 +35,10 @@ def goals(methods: dict[str, dict], num_candidates: int = 8) -> list[dict]:
             if (
                 name == "base"
                 or name.startswith("random_candidate")
-                or name.endswith("_eta1")
+                or name.endswith(("_eta1", "_sde"))
                 or name.startswith("fk_")
             ):
-                continue  # the eta = 1 rows sample another distribution than base; their baseline is their own
+                continue  # stochastic rows sample another distribution than base; their baseline is their own
             for key, points in (("faint_rate", 0.02), ("blank_rate", 0.02), ("class_accuracy", 0.03)):
                 delta = row[key] - base[key]
                 bad = delta > points if key != "class_accuracy" else delta < -points
@@ -141,6 +141,41 @@ def _reward_models_table(report: dict) -> str:
     return "\n".join(lines) + f"\n\nTraining `reward_model` took {report['reward_model']['train_seconds']:.1f} s."
 
 
+def _families_section(families: dict | None) -> str:
+    """One section per further generator family (the flow-matching one): its generator, its reward model, its
+    rows and goals, and its pictures."""
+    sections = []
+    for name, family in (families or {}).items():
+        generator, model = family["generator"], family["reward_model"]
+        figures = generator.get("figures") or {}
+        tuning = family["settings"]["tuning"]
+        pruning = tuning.get("pruning", {})
+        pictures = "\n".join(
+            f"### {name}: {row_name}\n![{row_name}]({row['grid']})\n"
+            for row_name, row in family["methods"].items()
+            if row.get("grid")
+        )
+        sections.append(
+            f"""## Family `{name}`: {generator["pipeline_class"]} ({generator["path"]})
+A flow-matching generator trained on the same digits with the same rule (it never saw thin strokes): base class
+accuracy {_cell(figures.get("class_accuracy"))}, style rate {_cell(figures.get("style_rate"))} (world.json). Sampling
+{generator["sampling"]}; its stochastic rows (suffix `_sde`, FK) use the flow SDE at noise level
+{generator["stochastic_eta"]}, with their own random pick. Its own GAN-RM (the same target digits against this
+generator's samples): AUC target vs base {_cell(model.get("auc"))}, target vs other real digits
+{_cell(model.get("auc_style_among_real"))}. Rows on {family["evaluation"]["prompts"]} evaluation prompts, seeds
+{family["evaluation"]["seed_range"]}; pruning schedule `{pruning.get("chosen")}` chosen on tuning seeds
+{tuning["seed_range"]}.
+
+{methods_table(family["methods"])}
+
+{goals_table(family.get("goals", []))}
+
+{pictures}
+"""
+        )
+    return "\n".join(sections)
+
+
 def write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     world, methods = report["world"], report["methods"]
@@ -178,6 +213,7 @@ selection rows, `base` for the fine-tuned rows. `faint_rate` / `blank_rate`: the
 {methods_table(methods)}
 
 {_rounds_section(report.get("rounds"))}
+{_families_section(report.get("families"))}
 ## Goals
 {goals_table(report.get("goals", []))}
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +35,14 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 
 # "selection": best-of-N, pruned, the same-cost random pick (deterministic DDIM); "fk": the same with eta = 1 and
 # FK resampling (a stochastic sampler is another distribution, so it brings its own random pick).
-METHOD_GROUPS = ("selection", "fk", "sft", "dpo", "prdp", "rounds")
+# "flow": the selection rows (random pick, best-of-N, pruned, and the FK group on the stochastic flow step) on the
+# world's second generator, a flow-matching SD3-shaped model, with its own GAN-RM (report: families.sd3_flow).
+METHOD_GROUPS = ("selection", "fk", "flow", "sft", "dpo", "prdp", "rounds")
 # `make demo` (`ganrm demo` without --methods) runs these: all but "fk", whose five stochastic runs cost about 14 more
 # CPU minutes (make demo already took 53.5 from a fresh clone, over its 45); `--methods ...,fk` adds them.
-DEFAULT_METHODS = ("selection", "sft", "dpo", "prdp", "rounds")
+DEFAULT_METHODS = ("selection", "flow", "sft", "dpo", "prdp", "rounds")
+FLOW_FAMILY = "sd3_flow"  # the report key of the flow-matching generator's rows: families.<FLOW_FAMILY>
+FLOW_STOCHASTIC_ETA = 0.7  # the flow SDE's noise level for its FK group (Flow-GRPO's a; it must stay below 1)
 # Seed ranges that never overlap: reward-model negatives, its bootstrapping pool, the evaluation set every row
 # shares, and the tuning set where settings are chosen. The trainers draw their own samples below 10^7.
 NEGATIVES_FIRST_SEED = 10_000_000
@@ -89,6 +93,10 @@ class DemoSettings:
     seed: int = 0
     eval_per_digit: int = 50  # 500 evaluation prompts: every row, and the held-out side of the AUC
     tune_per_digit: int = 20  # 200 tuning prompts, where settings are chosen
+    # The flow-matching family's rows (their own evaluation and tuning prompts, the same seed ranges): fewer prompts,
+    # since its group runs every selection method twice (deterministic and stochastic) within the demo's budget.
+    flow_eval_per_digit: int = 20
+    flow_tune_per_digit: int = 10
     negatives_per_digit: int = 40  # 400 reward-model negatives
     pool_per_digit: int = 30  # 300 fresh samples ranked in the bootstrapping round
     num_candidates: int = 8
@@ -104,6 +112,7 @@ class DemoSettings:
         if self.quick:
             self.eval_per_digit, self.tune_per_digit, self.negatives_per_digit = 3, 1, 8
             self.pool_per_digit, self.bootstrap_m, self.grid_per_digit = 4, 8, 3
+            self.flow_eval_per_digit, self.flow_tune_per_digit = 3, 1
 
     @property
     def evaluation(self) -> EvaluationPlan:
@@ -115,11 +124,20 @@ class DemoSettings:
 
 
 class Rows:
-    """The report's `methods` rows, with each row's per-image verdicts kept for paired comparisons."""
+    """The report's `methods` rows, with each row's per-image verdicts kept for paired comparisons. Grids go to
+    `<out>/grids/<grid_prefix><row>.png`."""
 
-    def __init__(self, world: object, reward_model: GANRewardModel, reference: Reference, out: Path, grid: int):
+    def __init__(
+        self,
+        world: object,
+        reward_model: GANRewardModel,
+        reference: Reference,
+        out: Path,
+        grid: int,
+        grid_prefix: str = "",
+    ):
         self.world, self.reward_model, self.reference = world, reward_model, reference
-        self.out, self.grid_per_digit = out, grid
+        self.out, self.grid_per_digit, self.grid_prefix = out, grid, grid_prefix
         self.rows: dict[str, dict] = {}
         self._verdicts: dict[str, dict[str, np.ndarray]] = {}
 
@@ -164,7 +182,7 @@ class Rows:
             f"{scores[i]:+.1f} {'T' if s else ''}{'f' if f else ''}{'b' if b else ''}".strip()
             for i, s, f, b in zip(picks, style, faint, blank, strict=True)
         ]
-        path = self.out / "grids" / f"{name}.png"
+        path = self.out / "grids" / f"{self.grid_prefix}{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         score_grid(images[picks], captions=captions, columns=self.grid_per_digit, cell=64).save(path)
         return path.relative_to(self.out).as_posix()
@@ -310,12 +328,35 @@ def run_demo(settings: DemoSettings) -> dict:
     if "selection" in settings.methods or "fk" in settings.methods:
         _selection_rows(world, reward_model, rows, report, settings, augmented_model)
         write_report(report, out)
+    if "flow" in settings.methods:
+        report.setdefault("families", {})[FLOW_FAMILY] = _flow_family(world, settings, report)
+        write_report(report, out)
     finetune_methods = [method for method in ("sft", "dpo", "prdp", "rounds") if method in settings.methods]
     if finetune_methods:
         _finetune_rows(world, reward_model, rows, report, settings, finetune_methods)
     report["goals"] = goals(report["methods"], settings.num_candidates)
     write_report(report, out)
     return report
+
+
+@dataclass
+class Generator:
+    """One of the world's generators as the selection study runs it: its folder, sampling settings, and the
+    sampler noise its stochastic (FK) group uses with the suffix of that group's rows."""
+
+    pipeline_dir: Path
+    sampling: dict
+    stochastic_eta: float = 1.0  # DDIM's eta for the UNet; the flow step's noise level for flow matching
+    stochastic_suffix: str = "_eta1"
+
+    @classmethod
+    def unet(cls, world: object) -> Generator:
+        return cls(world.pipeline_dir, world.sampling_kwargs)
+
+    @classmethod
+    def flow(cls, world: object) -> Generator:
+        # Flow-GRPO's noise level a = 0.7 (eta must stay below 1 for the flow SDE).
+        return cls(world.flow_pipeline_dir, world.flow_sampling_kwargs, FLOW_STOCHASTIC_ETA, "_sde")
 
 
 def _selection_rows(
@@ -325,9 +366,12 @@ def _selection_rows(
     report: dict,
     settings: DemoSettings,
     augmented_model: GANRewardModel | None = None,
+    generator: Generator | None = None,
+    stochastic: bool | None = None,
 ):
-    """Choose the pruning schedule on the tuning seeds, then run every selection method on the evaluation seeds;
-    best-of-N's candidates are also ranked by `augmented_model` (no new samples: the same cost)."""
+    """Choose the pruning schedule on the tuning seeds, then run every selection method on the evaluation seeds
+    of `generator` (default: the world's UNet one); best-of-N's candidates are also ranked by `augmented_model`
+    (no new samples: the same cost). `stochastic` (default: "fk" in the methods) adds the FK group."""
     from ganrm_diffusers.demo.selection_study import (
         PRUNE_CANDIDATES,
         choose_schedule,
@@ -337,9 +381,10 @@ def _selection_rows(
     )
 
     n = settings.num_candidates
-    sampling = world.sampling_kwargs
+    generator = generator or Generator.unet(world)
+    sampling = generator.sampling
     swept = pruning_sweep(
-        world.pipeline_dir,
+        generator.pipeline_dir,
         reward_model,
         world.judges,
         PRUNE_CANDIDATES,
@@ -356,18 +401,20 @@ def _selection_rows(
     }
     plan = settings.evaluation
     runs = selection_runs(
-        world.pipeline_dir,
+        generator.pipeline_dir,
         reward_model,
         plan.prompts(world),
         plan.candidate_seeds,
         schedule=PRUNE_CANDIDATES[chosen],
         num_candidates=n,
-        stochastic="fk" in settings.methods,
+        stochastic="fk" in settings.methods if stochastic is None else stochastic,
+        stochastic_eta=generator.stochastic_eta,
+        stochastic_suffix=generator.stochastic_suffix,
         **sampling,
     )
-    # Two groups: deterministic DDIM, and DDIM with eta = 1 (FK needs stochastic steps); each has its own full
-    # best-of-N and its own random pick, from the same seeds.
-    for suffix in ("", "_eta1"):
+    # Two groups: the deterministic sampler, and the stochastic one (DDIM with eta = 1, the flow SDE; FK needs
+    # stochastic steps); each has its own full best-of-N and its own random pick, from the same seeds.
+    for suffix in ("", generator.stochastic_suffix):
         full_name = f"best_of_{n}{suffix}"
         if full_name not in runs:
             continue
@@ -402,6 +449,54 @@ def _selection_rows(
             group.append(name)
         for name in group:
             rows.rows[name].update(_kept(rows.rows[name], rows.rows[full_name], rows.rows[baseline]))
+
+
+def _flow_family(world: object, settings: DemoSettings, report: dict) -> dict:
+    """The selection rows on the world's flow-matching generator, as the paper's loop would run them there: its own
+    GAN-RM (the same target digits against this generator's samples, the same training settings), a pruning
+    schedule chosen on its tuning seeds, then random pick, best-of-N, pruned best-of-N and the FK group (the
+    stochastic flow step) on its evaluation seeds, judged by the same judges."""
+    out = settings.out
+    pipe = world.load_flow_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    generator = Generator.flow(world)
+    flow_settings = replace(
+        settings, eval_per_digit=settings.flow_eval_per_digit, tune_per_digit=settings.flow_tune_per_digit
+    )
+
+    def one_per_prompt(plan: EvaluationPlan, desc: str) -> SampleSet:
+        return sample_digits(pipe, world, plan, settings.batch_size, f"flow: {desc}", generator.sampling)
+
+    negatives = one_per_prompt(EvaluationPlan(settings.negatives_per_digit, NEGATIVES_FIRST_SEED, 1), "negatives")
+    pool = one_per_prompt(EvaluationPlan(settings.pool_per_digit, POOL_FIRST_SEED, 1), "bootstrap pool")
+    base = one_per_prompt(flow_settings.evaluation, "evaluation set")
+    reward_model, fit = train_demo_reward_model(world, negatives, pool, settings)
+    save_training_outputs(reward_model, fit, out / "families" / FLOW_FAMILY / "reward_model")
+    targets, _ = world.heldout_target_images()
+    rows = Rows(
+        world, reward_model, Reference.of(world.judges, targets), out, settings.grid_per_digit, f"{FLOW_FAMILY}/"
+    )
+    rows.add("base", base.images, base.digits, unet_evaluations=base.unet_evaluations, seconds=base.seconds)
+    family = {
+        "generator": {
+            "path": str(world.flow_pipeline_dir),
+            "pipeline_class": "StableDiffusion3Pipeline",
+            "sampling": generator.sampling,
+            "stochastic_eta": generator.stochastic_eta,
+            "figures": world.info["figures"].get("base_flow"),
+        },
+        "reward_model": {
+            **reward_model_figures(world, reward_model, base),
+            "validation": {key: value for key, value in fit.metrics.items() if key.startswith("val_")},
+            "path": str(out / "families" / FLOW_FAMILY / "reward_model"),
+        },
+        "evaluation": flow_settings.evaluation.describe(),
+        "methods": rows.rows,
+        "settings": {"tuning": {"seed_range": flow_settings.tuning.describe()["seed_range"]}},
+    }
+    _selection_rows(world, reward_model, rows, family, flow_settings, generator=generator, stochastic=True)
+    family["goals"] = goals(rows.rows, settings.num_candidates)
+    return family
 
 
 def _kept(row: dict, full: dict, baseline: dict) -> dict:

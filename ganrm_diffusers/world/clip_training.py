@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ganrm_diffusers.reward.backbone import ClipBackbone
 
@@ -143,12 +143,38 @@ def train_clip(
     return model.eval().requires_grad_(False)
 
 
+def load_clip(folder: str | Path) -> torch.nn.Module:
+    """The CLIP `train_clip` wrote into `folder`, frozen: the same weights it returned."""
+    with _quiet_open_clip():
+        model = open_clip.create_model(f"local-dir:{folder}")
+    return model.eval().requires_grad_(False)
+
+
 def text_encoder_from_clip(clip: torch.nn.Module, tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """The CLIP's text tower as a transformers `CLIPTextModel`, the form Stable Diffusion's text encoder takes (SD 1.x
     uses OpenAI CLIP's text tower, SD 2.x OpenCLIP's). Same weights, same hidden states."""
-    state = clip.state_dict()
+    text_encoder = CLIPTextModel(_text_config(clip, tokenizer))
+    text_encoder.load_state_dict(_text_tower_state(clip), strict=True)
+    return text_encoder.eval().requires_grad_(False)
+
+
+def text_encoder_with_projection_from_clip(
+    clip: torch.nn.Module, tokenizer: CLIPTokenizer
+) -> CLIPTextModelWithProjection:
+    """The CLIP's text tower with its text projection, as a transformers `CLIPTextModelWithProjection`: the form of
+    Stable Diffusion 3's two CLIP encoders, whose projected embedding (`text_embeds`, open_clip's `encode_text`)
+    conditions the transformer beside the hidden states."""
+    state = {f"text_model.{name}": tensor for name, tensor in _text_tower_state(clip).items()}
+    # open_clip multiplies by a (width, embed_dim) matrix; transformers keeps a bias-free Linear, its transpose.
+    state["text_projection.weight"] = clip.state_dict()["text_projection"].T.clone()
+    text_encoder = CLIPTextModelWithProjection(_text_config(clip, tokenizer))
+    text_encoder.load_state_dict(state, strict=True)
+    return text_encoder.eval().requires_grad_(False)
+
+
+def _text_config(clip: torch.nn.Module, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     blocks = clip.transformer.resblocks
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         hidden_size=clip.transformer.width,
         intermediate_size=blocks[0].mlp.c_fc.out_features,
         num_hidden_layers=len(blocks),
@@ -161,13 +187,18 @@ def text_encoder_from_clip(clip: torch.nn.Module, tokenizer: CLIPTokenizer) -> C
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _text_tower_state(clip: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The text tower's weights under transformers' CLIPTextModel names (copies: the CLIP stays untouched)."""
+    state = clip.state_dict()
     renamed = {
         "embeddings.token_embedding.weight": state["token_embedding.weight"],
         "embeddings.position_embedding.weight": state["positional_embedding"],
         "final_layer_norm.weight": state["ln_final.weight"],
         "final_layer_norm.bias": state["ln_final.bias"],
     }
-    for index in range(len(blocks)):
+    for index in range(len(clip.transformer.resblocks)):
         block, layer = f"transformer.resblocks.{index}.", f"encoder.layers.{index}."
         # open_clip keeps q, k and v in one packed projection; transformers keeps three.
         for kind in ("weight", "bias"):
@@ -182,6 +213,4 @@ def text_encoder_from_clip(clip: torch.nn.Module, tokenizer: CLIPTokenizer) -> C
         ):
             for kind in ("weight", "bias"):
                 renamed[f"{layer}{theirs}.{kind}"] = state[f"{block}{ours}.{kind}"]
-    text_encoder = CLIPTextModel(config)
-    text_encoder.load_state_dict({name: tensor.clone() for name, tensor in renamed.items()}, strict=True)
-    return text_encoder.eval().requires_grad_(False)
+    return {name: tensor.clone() for name, tensor in renamed.items()}
