@@ -114,7 +114,8 @@ class FlowFamilyMixin(RewardGuidedMixin):
                 f"has {type(self.scheduler).__name__}: pass eta=0 or set a FlowMatchEulerDiscreteScheduler"
             )
         if eta >= 1:
-            # std = eta * sqrt(sigma / (1 - sigma)) exceeds what the step's drift can absorb: images turn to noise.
+            # std = eta * sqrt(sigma / (1 - sigma)) grows without bound near sigma = 1; Flow-GRPO uses 0.7, and
+            # levels from 1 up are untested here, so a DDIM-style eta = 1 is refused rather than taken at its word.
             raise PipelineInputError(f"eta for flow-matching pipelines is the SDE noise level, in [0, 1); got {eta}")
 
     def _is_deterministic(self, eta: float) -> bool:
