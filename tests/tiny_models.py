@@ -61,16 +61,18 @@ def tiny_scheduler() -> DDIMScheduler:
     )
 
 
-def tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=IMAGE_SIZE,
-    )
+def tiny_vae(**overrides: object) -> AutoencoderKL:
+    """The two-block autoencoder (images twice the latent size); `overrides` change its config."""
+    config = {
+        "block_out_channels": (32, 64),
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "latent_channels": 4,
+        "sample_size": IMAGE_SIZE,
+    }
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def _text_config(hidden_size: int = TEXT_HIDDEN_SIZE) -> CLIPTextConfig:
@@ -240,14 +242,8 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> FluxPipel
 
 def _flow_vae(latent_channels: int) -> AutoencoderKL:
     """The tiny VAE with SD3 / FLUX's latent shift (latents = (z - shift) * scale)."""
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    return tiny_vae(
         latent_channels=latent_channels,
-        sample_size=IMAGE_SIZE,
         shift_factor=0.0609,
         scaling_factor=1.5035,
         use_quant_conv=False,

@@ -75,6 +75,18 @@ class FlowFamilyMixin(RewardGuidedMixin):
     def _default_sigmas(self, num_inference_steps: int) -> list[float] | None:
         return None
 
+    def _resolution_shift(self, tokens: int, default_max_shift: float) -> float:
+        """The schedule shift `mu` for `tokens` image tokens from the scheduler's config, with the defaults the
+        family's base pipeline uses where the config has none (SD3: max_shift 1.16, FLUX: 1.15)."""
+        config = self.scheduler.config
+        return calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", default_max_shift),
+        )
+
     def _prepare_timesteps(self, num_inference_steps, device, timesteps, sigmas, height, width):
         if timesteps is not None:
             raise PipelineInputError("flow-matching pipelines take `sigmas`, not `timesteps`")
@@ -211,13 +223,7 @@ class RewardGuidedSD3Pipeline(FlowFamilyMixin, StableDiffusion3Pipeline):
             return None
         patch = self.transformer.config.patch_size
         tokens = (height // self.vae_scale_factor // patch) * (width // self.vae_scale_factor // patch)
-        return calculate_shift(
-            tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.16),
-        )
+        return self._resolution_shift(tokens, default_max_shift=1.16)
 
     def _prepare_candidate_latents(self, count, height, width, dtype, device, generators):
         channels = self.transformer.config.in_channels
@@ -321,15 +327,8 @@ class RewardGuidedFluxPipeline(FlowFamilyMixin, FluxPipeline):
         return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
 
     def _timestep_shift(self, height: int, width: int) -> float:
-        config = self.scheduler.config
         tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
-        return calculate_shift(
-            tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        return self._resolution_shift(tokens, default_max_shift=1.15)
 
     def _prepare_candidate_latents(self, count, height, width, dtype, device, generators):
         channels = self.transformer.config.in_channels // 4
