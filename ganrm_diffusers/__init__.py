@@ -25,6 +25,8 @@ _EXPORTS = {
     "RewardGuidedPipelineOutput": "ganrm_diffusers.generation.pipeline",
     "RewardGuidedSD3Pipeline": "ganrm_diffusers.generation.pipeline_flow",
     "RewardGuidedFluxPipeline": "ganrm_diffusers.generation.pipeline_flow",
+    "RewardGuidedFlux2KleinPipeline": "ganrm_diffusers.generation.pipeline_flow",
+    "RewardGuidedQwenImagePipeline": "ganrm_diffusers.generation.pipeline_flow",
     "UnsupportedPipelineError": "ganrm_diffusers.generation.pipeline",
     "load_reward_guided_pipeline": "ganrm_diffusers.generation.pipeline",
     "PruneSchedule": "ganrm_diffusers.generation.pruning",

@@ -1,4 +1,5 @@
-"""Reward-guided SD3.x and FLUX.1 pipelines: seeds, chunking, pruning, FK, counting, loading, family detection."""
+"""Reward-guided SD3.x, FLUX.1, FLUX.2 klein and Qwen-Image pipelines: seeds, chunking, pruning, FK, counting,
+loading, family detection."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import json
 import pytest
 import torch
 from checks import assert_relative_close
-from diffusers import DDIMScheduler, FluxPipeline, StableDiffusion3Pipeline
-from tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline
+from diffusers import DDIMScheduler, Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+from tiny_models import tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
 
 from ganrm_diffusers.generation.pipeline import (
     FAMILIES,
@@ -16,7 +17,12 @@ from ganrm_diffusers.generation.pipeline import (
     UnsupportedPipelineError,
     load_reward_guided_pipeline,
 )
-from ganrm_diffusers.generation.pipeline_flow import RewardGuidedFluxPipeline, RewardGuidedSD3Pipeline
+from ganrm_diffusers.generation.pipeline_flow import (
+    RewardGuidedFlux2KleinPipeline,
+    RewardGuidedFluxPipeline,
+    RewardGuidedQwenImagePipeline,
+    RewardGuidedSD3Pipeline,
+)
 from ganrm_diffusers.generation.pruning import FKResampling, PruneSchedule, ScheduleError, count_model_rows
 from ganrm_diffusers.reward.model import GANRewardModel
 
@@ -30,7 +36,25 @@ FAMILY_BUILDS = {
     "sd3": (tiny_sd3_pipeline, RewardGuidedSD3Pipeline, StableDiffusion3Pipeline),
     "flux": (tiny_flux_pipeline, RewardGuidedFluxPipeline, FluxPipeline),
     "flux_schnell": (lambda: tiny_flux_pipeline(guidance_embeds=False), RewardGuidedFluxPipeline, FluxPipeline),
+    "flux2_klein": (tiny_flux2_klein_pipeline, RewardGuidedFlux2KleinPipeline, Flux2KleinPipeline),
+    "flux2_klein_distilled": (
+        lambda: tiny_flux2_klein_pipeline(is_distilled=True),
+        RewardGuidedFlux2KleinPipeline,
+        Flux2KleinPipeline,
+    ),
+    "qwenimage": (tiny_qwenimage_pipeline, RewardGuidedQwenImagePipeline, QwenImagePipeline),
 }
+# Each family's own guidance, as its base pipeline takes it: SD3 batched CFG; FLUX.1's distilled guidance input;
+# FLUX.2 klein's CFG in two calls against its "" negative (none for the step-distilled one); Qwen-Image's true CFG (a negative prompt, norm rescaled).
+FAMILY_SETTINGS = {
+    "sd3": {"guidance_scale": 4.0},
+    "flux": {"guidance_scale": 3.5},
+    "flux_schnell": {"guidance_scale": 3.5},
+    "flux2_klein": {"guidance_scale": 4.0},
+    "flux2_klein_distilled": {"guidance_scale": 1.0},  # step-distilled klein: no guidance
+    "qwenimage": {"negative_prompt": "blurry", "true_cfg_scale": 4.0},
+}
+ROWS_PER_EVALUATION = {"sd3": 2, "flux2_klein": 2, "qwenimage": 2}  # guided: two rows of the transformer per step
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_BUILDS))
@@ -58,7 +82,7 @@ def pipe(family: str, base_pipe, reward_model: GANRewardModel):
 
 def settings(family: str) -> dict:
     common = {"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "max_sequence_length": 16}
-    return {**common, "guidance_scale": 4.0 if family == "sd3" else 3.5}
+    return {**common, **FAMILY_SETTINGS[family]}
 
 
 def call(pipe, family: str, **kwargs):
@@ -69,8 +93,8 @@ def test_returned_seeds_regenerate_with_the_plain_pipeline(family, pipe, base_pi
     out = call(pipe, family, num_candidates=3, top_k=2, seed=40, return_candidates=True)
     assert out.images.shape == (4, 3, SIZE, SIZE) and out.scores.shape == (4,)
     for index, seed in enumerate(out.seeds):
-        plain = base_pipe(
-            PROMPTS[index // 2],
+        plain = base_pipe(  # by keyword: FLUX.2 klein's first argument is an image
+            prompt=PROMPTS[index // 2],
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="pt",
             **settings(family),
@@ -104,7 +128,7 @@ def test_pruned_survivors_are_bit_identical_to_the_unpruned_run(family, pipe):
 
 def test_transformer_evaluations_follow_the_schedule(family, pipe):
     schedule = PruneSchedule(at=(0.3,), keep=(0.5,))
-    rows_per_evaluation = 2 if family == "sd3" else 1  # SD3's classifier-free guidance is batched
+    rows_per_evaluation = ROWS_PER_EVALUATION.get(family, 1)
     with count_model_rows(pipe.transformer) as full:
         call(pipe, family, num_candidates=4, seed=1)
     with count_model_rows(pipe.transformer) as pruned:
@@ -142,7 +166,10 @@ def test_callback_latents_and_interrupt(family, pipe):
 def test_latent_output_is_what_the_plain_pipeline_returns(family, pipe, base_pipe):
     out = call(pipe, family, num_candidates=2, seed=11, output_type="latent")
     plain = base_pipe(
-        PROMPTS[0], generator=torch.Generator("cpu").manual_seed(out.seeds[0]), output_type="latent", **settings(family)
+        prompt=PROMPTS[0],
+        generator=torch.Generator("cpu").manual_seed(out.seeds[0]),
+        output_type="latent",
+        **settings(family),
     ).images
     assert out.images.shape[1:] == plain.shape[1:]
     assert_relative_close(out.images[:1], plain, RTOL, "latents")
@@ -165,8 +192,9 @@ def test_load_detects_the_family_and_round_trips(family, pipe, reward_model, tmp
 
 
 def test_unsupported_families_fail_naming_the_supported_ones(tmp_path):
+    # FLUX.2 [dev] and Qwen-Image-Edit share a supported family's transformer class, but not its call.
     for class_name, denoiser in [
-        ("QwenImagePipeline", ["diffusers", "QwenImageTransformer2DModel"]),
+        ("QwenImageEditPipeline", ["diffusers", "QwenImageTransformer2DModel"]),
         ("Flux2Pipeline", ["diffusers", "Flux2Transformer2DModel"]),
         ("KandinskyV22Pipeline", None),
     ]:

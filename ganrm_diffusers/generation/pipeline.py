@@ -15,7 +15,8 @@ with the same settings. Candidates are scored on their decoded tensors, on the d
 One loop serves every model family: `RewardGuidedMixin.__call__` (candidates, checkpoints, selection, outputs). A
 family is a thin adapter of hooks (text conditioning, timesteps, starting noise, the model call with its guidance,
 the sampler step, decoding): `UNetFamilyMixin` here for UNet pipelines, `FlowFamilyMixin` in `pipeline_flow.py`
-for flow-matching transformers (SD3.x, FLUX.1). `load_reward_guided_pipeline` picks the family of a saved pipeline.
+for flow-matching transformers (SD3.x, FLUX.1, FLUX.2 klein, Qwen-Image). `load_reward_guided_pipeline` picks the
+family of a saved pipeline.
 """
 
 from __future__ import annotations
@@ -374,7 +375,7 @@ class RewardGuidedMixin:
         selection = select_top_k(scores, top_k, group_size=live.per_prompt)
         chosen = selection.selected
         outputs = (
-            live.latents[chosen.to(live.latents.device)]
+            self._output_latents(live.latents[chosen.to(live.latents.device)])
             if output_type == "latent"
             else images[chosen.to(images.device)]
         )
@@ -389,7 +390,7 @@ class RewardGuidedMixin:
             nsfw_content_detected=nsfw,
         )
         if return_candidates:
-            finished = images if output_type != "latent" else live.latents
+            finished = images if output_type != "latent" else self._output_latents(live.latents)
             candidates, candidate_scores, steps = self._gather_candidates(
                 finished, scores, live.ids, stopped, len(seeds), len(timesteps)
             )
@@ -448,7 +449,7 @@ class RewardGuidedMixin:
         live.go_on_with(run.survivors(step_index, scores.view(live.num_prompts, -1)), self.scheduler, step_index + 1)
         if not keep_previews:
             return scores, {}
-        shown = x0 if output_type == "latent" else previews
+        shown = self._output_latents(x0) if output_type == "latent" else previews
         gone = set(before) - set(live.ids.tolist())
         return scores, {
             candidate: (shown[position], float(scores[position]), step_index + 1)
@@ -610,6 +611,10 @@ class RewardGuidedMixin:
     def _decode(self, latents: torch.Tensor, chunk: int) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1], decoded as the base pipeline decodes them."""
         raise NotImplementedError
+
+    def _output_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the base pipeline returns them with `output_type="latent"` (the sampler's own by default)."""
+        return latents
 
     def _finish_images(
         self, images: torch.Tensor, device: torch.device, dtype: torch.dtype
@@ -863,6 +868,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "SDXL": ("RewardGuidedXLPipeline", ("StableDiffusionXLPipeline",), "UNet2DConditionModel"),
     "SD3.x": ("RewardGuidedSD3Pipeline", ("StableDiffusion3Pipeline",), "SD3Transformer2DModel"),
     "FLUX.1": ("RewardGuidedFluxPipeline", ("FluxPipeline",), "FluxTransformer2DModel"),
+    "FLUX.2 klein": ("RewardGuidedFlux2KleinPipeline", ("Flux2KleinPipeline",), "Flux2Transformer2DModel"),
+    "Qwen-Image": ("RewardGuidedQwenImagePipeline", ("QwenImagePipeline",), "QwenImageTransformer2DModel"),
 }
 
 
@@ -872,12 +879,16 @@ class UnsupportedPipelineError(PipelineInputError):
 
 def reward_guided_class_for(model_index: dict) -> type[DiffusionPipeline]:
     """The reward-guided pipeline class for a pipeline's model_index.json: by its class name, or (for a pipeline
-    saved under another name) by its denoiser's class, UNets told apart by SDXL's second text encoder."""
+    saved under a class name diffusers does not know) by its denoiser's class, UNets told apart by SDXL's second
+    text encoder. Another diffusers pipeline is refused even where its denoiser matches a family's: FLUX.2 [dev]
+    shares FLUX.2 [klein]'s transformer, Qwen-Image-Edit Qwen-Image's, but their calls and encoders differ."""
+    import diffusers
+
     class_name = str(model_index.get("_class_name", ""))
     family = next(
         (name for name, (ours, bases, _) in FAMILIES.items() if class_name == ours or class_name in bases), None
     )
-    if family is None:
+    if family is None and not hasattr(diffusers, class_name):
         denoiser = model_index.get("transformer") or model_index.get("unet") or [None, None]
         matches = [name for name, (_, _, model) in FAMILIES.items() if denoiser[1] == model]
         if len(matches) > 1:  # SD and SDXL share the UNet class
@@ -899,9 +910,9 @@ def load_reward_guided_pipeline(
     reward_model: GANRewardModel | None = None,
     **kwargs: object,
 ) -> DiffusionPipeline:
-    """Load a pipeline (folder or Hub id) of a supported family (see `FAMILIES`: SD 1.x/2.x, SDXL, SD3.x, FLUX.1)
-    as its reward-guided pipeline; a `reward_model` given here replaces one saved with the pipeline. Any other
-    family fails with an `UnsupportedPipelineError` naming the supported ones, before weights are read."""
+    """Load a pipeline (folder or Hub id) of a supported family (see `FAMILIES`: SD 1.x/2.x, SDXL, SD3.x, FLUX.1,
+    FLUX.2 klein, Qwen-Image) as its reward-guided pipeline; a `reward_model` given here replaces one saved with the
+    pipeline. Any other family fails with an `UnsupportedPipelineError` naming the supported ones, before weights are read."""
     try:
         config = DiffusionPipeline.load_config(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
     except (OSError, ValueError) as error:

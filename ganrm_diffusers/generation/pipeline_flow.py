@@ -1,4 +1,4 @@
-"""Best-of-N with a GAN-RM reward model for flow-matching transformers: SD3.x and FLUX.1.
+"""Best-of-N with a GAN-RM reward model for flow-matching transformers: SD3.x, FLUX.1, FLUX.2 [klein], Qwen-Image.
 
 The loop is `RewardGuidedMixin.__call__` (candidates, pruning, FK, selection, outputs), the same as for UNets; this
 module holds only what differs. `FlowFamilyMixin`: timesteps from sigmas (with the resolution-dependent shift `mu`
@@ -17,21 +17,39 @@ With eta = 0 (the default) a returned seed regenerates its image with the plain 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2TokenizerFast,
+    Qwen3ForCausalLM,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from ganrm_diffusers.generation.flow_sampling import flow_predicted_clean, flow_step_with_log_prob
 from ganrm_diffusers.generation.pipeline import PipelineInputError, RewardGuidedMixin
@@ -69,7 +87,7 @@ class FlowFamilyMixin(RewardGuidedMixin):
         # The loop stores the call's `cross_attention_kwargs`; transformers call them joint attention kwargs.
         return self._cross_attention_kwargs
 
-    def _timestep_shift(self, height: int, width: int) -> float | None:
+    def _timestep_shift(self, height: int, width: int, num_inference_steps: int) -> float | None:
         raise NotImplementedError
 
     def _default_sigmas(self, num_inference_steps: int) -> list[float] | None:
@@ -92,7 +110,7 @@ class FlowFamilyMixin(RewardGuidedMixin):
             raise PipelineInputError("flow-matching pipelines take `sigmas`, not `timesteps`")
         if sigmas is None and not self.scheduler.config.get("use_flow_sigmas", False):
             sigmas = self._default_sigmas(num_inference_steps)
-        mu = self._timestep_shift(height, width)
+        mu = self._timestep_shift(height, width, num_inference_steps)
         shift = {} if mu is None else {"mu": mu}
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, sigmas=sigmas, **shift
@@ -138,6 +156,16 @@ class FlowFamilyMixin(RewardGuidedMixin):
 
     def _default_image_size(self) -> int:
         return self.default_sample_size * self.vae_scale_factor
+
+    def _packed_tokens(self, height: int, width: int) -> int:
+        """Image tokens of a family that packs 2x2 latent patches into one token (FLUX, Qwen-Image)."""
+        return (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
+
+    def _decode_with(self, to_images: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, chunk: int):
+        """Images in [0, 1], float32: `to_images` (a family's own latent layout and VAE call, output in [-1, 1])
+        on `chunk` latents at a time."""
+        images = [to_images(part.to(self.vae.device)).float() for part in latents.split(chunk)]
+        return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
 
 class RewardGuidedSD3Pipeline(FlowFamilyMixin, StableDiffusion3Pipeline):
@@ -217,7 +245,7 @@ class RewardGuidedSD3Pipeline(FlowFamilyMixin, StableDiffusion3Pipeline):
             return Conditioning(embeds, text_embeds=pooled)
         return Conditioning(embeds, negative, pooled, negative_pooled)
 
-    def _timestep_shift(self, height: int, width: int) -> float | None:
+    def _timestep_shift(self, height: int, width: int, num_inference_steps: int) -> float | None:
         config = self.scheduler.config
         if not config.get("use_dynamic_shifting", False):
             return None
@@ -318,17 +346,16 @@ class RewardGuidedFluxPipeline(FlowFamilyMixin, FluxPipeline):
         self._true_cfg_scale = true_cfg_scale
         if not (true_cfg_scale > 1 and negative_prompt is not None):
             return Conditioning(embeds, text_embeds=pooled)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        negative_2 = [negative_prompt_2] * len(prompts) if isinstance(negative_prompt_2, str) else negative_prompt_2
+        negatives = _per_prompt(negative_prompt, len(prompts))
+        negative_2 = None if negative_prompt_2 is None else _per_prompt(negative_prompt_2, len(prompts))
         negative, negative_pooled, self._negative_text_ids = encode(negatives, negative_2)
         return Conditioning(embeds, negative, pooled, negative_pooled)
 
-    def _default_sigmas(self, num_inference_steps: int) -> list[float]:
-        return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    def _default_sigmas(self, num_inference_steps: int) -> np.ndarray:
+        return _linear_sigmas(num_inference_steps)
 
-    def _timestep_shift(self, height: int, width: int) -> float:
-        tokens = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
-        return self._resolution_shift(tokens, default_max_shift=1.15)
+    def _timestep_shift(self, height: int, width: int, num_inference_steps: int) -> float:
+        return self._resolution_shift(self._packed_tokens(height, width), default_max_shift=1.15)
 
     def _prepare_candidate_latents(self, count, height, width, dtype, device, generators):
         channels = self.transformer.config.in_channels // 4
@@ -369,3 +396,229 @@ class RewardGuidedFluxPipeline(FlowFamilyMixin, FluxPipeline):
 
     def _size_multiple(self) -> int:
         return self.vae_scale_factor * 2
+
+
+class RewardGuidedFlux2KleinPipeline(FlowFamilyMixin, Flux2KleinPipeline):
+    """Best-of-N FLUX.2 [klein] with a GAN-RM reward model (see `RewardGuidedMixin.__call__`). Guidance is true
+    classifier-free guidance (two transformer calls) when `guidance_scale > 1` and the model is not step-distilled
+    (`is_distilled`), against `negative_prompt` (default "", the base pipeline's fixed negative).
+    max_sequence_length and text_encoder_out_layers (the Qwen3 layers stacked into the text embedding) are accepted
+    as keywords. With `output_type="latent"` the latents are the VAE's, unpacked and de-normalised, as the base
+    pipeline returns them."""
+
+    _optional_components = ["reward_model"]
+    _exclude_from_cpu_offload = ["reward_model"]
+    default_guidance_scale = 4.0
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLFlux2,
+        text_encoder: Qwen3ForCausalLM,
+        tokenizer: Qwen2TokenizerFast,
+        transformer: Flux2Transformer2DModel,
+        is_distilled: bool = False,
+        reward_model: GANRewardModel | None = None,
+    ):
+        super().__init__(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            is_distilled=is_distilled,
+        )
+        self.register_modules(reward_model=reward_model)
+
+    def _encode_conditioning(
+        self,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        device: torch.device,
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+    ) -> Conditioning:
+        def encode(texts: list[str]) -> torch.Tensor:
+            return self.encode_prompt(
+                prompt=texts,
+                device=device,
+                max_sequence_length=max_sequence_length,
+                text_encoder_out_layers=text_encoder_out_layers,
+            )[0]
+
+        embeds = encode(prompts)
+        if not self.do_classifier_free_guidance:
+            return Conditioning(embeds)
+        return Conditioning(
+            embeds, encode(_per_prompt("" if negative_prompt is None else negative_prompt, len(prompts)))
+        )
+
+    def _default_sigmas(self, num_inference_steps: int) -> np.ndarray:
+        return _linear_sigmas(num_inference_steps)
+
+    def _timestep_shift(self, height: int, width: int, num_inference_steps: int) -> float:
+        # FLUX.2's shift depends on the number of steps as well as on the image size.
+        return compute_empirical_mu(self._packed_tokens(height, width), num_inference_steps)
+
+    def _prepare_candidate_latents(self, count, height, width, dtype, device, generators):
+        channels = self.transformer.config.in_channels // 4
+        latents, self._latent_ids = self.prepare_latents(count, channels, height, width, dtype, device, generators)
+        self._latent_grid = (height // (self.vae_scale_factor * 2), width // (self.vae_scale_factor * 2))
+        return latents
+
+    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        timestep = t.expand(len(latents)).to(latents.dtype) / 1000
+        image_ids = self._latent_ids[:1].expand(len(latents), -1, -1)  # every candidate has the same positions
+
+        def call(embeds: torch.Tensor) -> torch.Tensor:
+            return self.transformer(
+                hidden_states=latents.to(self.transformer.dtype),
+                timestep=timestep,
+                guidance=None,
+                encoder_hidden_states=embeds,
+                txt_ids=self._prepare_text_ids(embeds).to(latents.device),
+                img_ids=image_ids,
+                joint_attention_kwargs=self.joint_attention_kwargs,
+                return_dict=False,
+            )[0][:, : latents.size(1)]
+
+        velocity = call(conditioning.prompt_embeds)
+        if conditioning.negative_prompt_embeds is None:
+            return velocity
+        negative = call(conditioning.negative_prompt_embeds)
+        return negative + self.guidance_scale * (velocity - negative)
+
+    def _output_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        height, width = self._latent_grid
+        ids = self._latent_ids[:1].expand(len(latents), -1, -1)
+        patches = self._unpack_latents_with_ids(latents, ids, height, width)
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(patches.device, patches.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(patches)
+        return self._unpatchify_latents(patches * std + mean)
+
+    def _decode(self, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+        def to_images(part: torch.Tensor) -> torch.Tensor:
+            return self.vae.decode(self._output_latents(part).to(self.vae.dtype), return_dict=False)[0]
+
+        return self._decode_with(to_images, latents, chunk)
+
+    def _size_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+
+class RewardGuidedQwenImagePipeline(FlowFamilyMixin, QwenImagePipeline):
+    """Best-of-N Qwen-Image with a GAN-RM reward model (see `RewardGuidedMixin.__call__`). As in the base pipeline,
+    true classifier-free guidance (with its norm rescaling) runs when `true_cfg_scale > 1` (default 4.0) and a
+    `negative_prompt` is given; `guidance_scale` is the distilled-guidance input, used only by a transformer with a
+    guidance embedding (which requires it). true_cfg_scale and max_sequence_length are accepted as keywords. With
+    `output_type="latent"` the latents are packed, as the base pipeline returns them."""
+
+    _optional_components = ["reward_model"]
+    _exclude_from_cpu_offload = ["reward_model"]
+    default_guidance_scale = None
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLQwenImage,
+        text_encoder: Qwen2_5_VLForConditionalGeneration,
+        tokenizer: Qwen2Tokenizer,
+        transformer: QwenImageTransformer2DModel,
+        reward_model: GANRewardModel | None = None,
+    ):
+        super().__init__(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        )
+        self.register_modules(reward_model=reward_model)
+
+    def _encode_conditioning(
+        self,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        device: torch.device,
+        true_cfg_scale: float = 4.0,
+        max_sequence_length: int = 512,
+    ) -> Conditioning:
+        if self.transformer.config.guidance_embeds and self.guidance_scale is None:
+            raise PipelineInputError("this Qwen-Image transformer is guidance-distilled: pass guidance_scale")
+        if max_sequence_length > 1024:
+            raise PipelineInputError(f"max_sequence_length is at most 1024 for Qwen-Image, got {max_sequence_length}")
+
+        def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return self.encode_prompt(prompt=texts, device=device, max_sequence_length=max_sequence_length)
+
+        embeds, mask = encode(prompts)
+        self._true_cfg_scale = true_cfg_scale
+        if not (true_cfg_scale > 1 and negative_prompt is not None):
+            return Conditioning(embeds, prompt_mask=mask)
+        negative, negative_mask = encode(_per_prompt(negative_prompt, len(prompts)))
+        return Conditioning(embeds, negative, prompt_mask=mask, negative_prompt_mask=negative_mask)
+
+    def _default_sigmas(self, num_inference_steps: int) -> np.ndarray:
+        return _linear_sigmas(num_inference_steps)
+
+    def _timestep_shift(self, height: int, width: int, num_inference_steps: int) -> float:
+        return self._resolution_shift(self._packed_tokens(height, width), default_max_shift=1.15)
+
+    def _prepare_candidate_latents(self, count, height, width, dtype, device, generators):
+        channels = self.transformer.config.in_channels // 4
+        self._image_size = (height, width)
+        return self.prepare_latents(count, channels, height, width, dtype, device, generators)
+
+    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        count = len(latents)
+        height, width = self._image_size
+        shapes = [[(1, height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2)]] * count
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([count], self.guidance_scale, device=latents.device, dtype=torch.float32)
+
+        def call(embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            return self.transformer(
+                hidden_states=latents,
+                timestep=t.expand(count).to(latents.dtype) / 1000,
+                guidance=guidance,
+                encoder_hidden_states_mask=mask,
+                encoder_hidden_states=embeds,
+                img_shapes=shapes,
+                attention_kwargs=self.joint_attention_kwargs or {},
+                return_dict=False,
+            )[0]
+
+        velocity = call(conditioning.prompt_embeds, conditioning.prompt_mask)
+        if conditioning.negative_prompt_embeds is None:
+            return velocity
+        negative = call(conditioning.negative_prompt_embeds, conditioning.negative_prompt_mask)
+        guided = negative + self._true_cfg_scale * (velocity - negative)
+        # Qwen-Image rescales the guided velocity to the conditional one's norm, token by token.
+        return guided * (torch.norm(velocity, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+
+    def _decode(self, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+        height, width = self._image_size
+        config = self.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+
+        def to_images(part: torch.Tensor) -> torch.Tensor:
+            video = self._unpack_latents(part, height, width, self.vae_scale_factor).to(self.vae.dtype)
+            mean = torch.tensor(config.latents_mean).view(shape).to(video)
+            inverse_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(video)
+            return self.vae.decode(video / inverse_std + mean, return_dict=False)[0][:, :, 0]  # one frame
+
+        return self._decode_with(to_images, latents, chunk)
+
+    def _size_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+
+def _linear_sigmas(num_inference_steps: int) -> np.ndarray:
+    """The default sigmas of FLUX.1, FLUX.2 and Qwen-Image: 1 down to 1/n, before the scheduler's shift."""
+    return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+
+
+def _per_prompt(value: str | list[str], count: int) -> list[str]:
+    return [value] * count if isinstance(value, str) else list(value)

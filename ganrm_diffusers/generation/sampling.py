@@ -42,6 +42,9 @@ class Conditioning:
     negative_text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
     negative_time_ids: torch.Tensor | None = None
+    # Qwen-Image's text attention masks (its prompts are padded to the longest); None: every token counts.
+    prompt_mask: torch.Tensor | None = None
+    negative_prompt_mask: torch.Tensor | None = None
 
     def select(self, index) -> Conditioning:
         return Conditioning(**{f.name: _take(getattr(self, f.name), index) for f in fields(self)})
