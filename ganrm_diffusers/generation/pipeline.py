@@ -318,10 +318,7 @@ class RewardGuidedMixin:
         self._check_call(prompts, num_candidates, top_k, output_type, height, width, candidate_batch_size)
         schedule = as_schedule(prune)
         self._check_schedule(schedule, eta)
-        self._guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
+        self.set_call_state(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
         device = self._execution_device
         seeds = resolve_candidate_seeds(len(prompts) * num_candidates, seeds, seed, generator)
         chunk = candidate_batch_size or len(seeds)
@@ -542,6 +539,21 @@ class RewardGuidedMixin:
             raise PipelineInputError(f"height and width must be divisible by {multiple}, got {height}x{width}")
         if candidate_batch_size is not None and candidate_batch_size < 1:
             raise PipelineInputError(f"candidate_batch_size must be at least 1, got {candidate_batch_size}")
+
+    def set_call_state(
+        self,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        cross_attention_kwargs: dict | None = None,
+    ) -> None:
+        """The settings a call keeps on the pipeline, where the base pipeline's properties and the family hooks
+        read them (`guidance_scale`, `do_classifier_free_guidance`, ...). The trainers' samplers set them once."""
+        self._guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
 
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> DiffusionPipeline:

@@ -118,14 +118,18 @@ class FlowFamilyMixin(RewardGuidedMixin):
         self.scheduler.set_begin_index(0)
         return timesteps, num_inference_steps
 
-    def _model_output(self, latents, t, conditioning, chunk):
+    def _model_output(self, latents, t, conditioning, chunk, model: torch.nn.Module | None = None):
         velocities = [
-            self._velocity(latents[start : start + chunk], t, conditioning.select(slice(start, start + chunk)))
+            self._velocity(latents[start : start + chunk], t, conditioning.select(slice(start, start + chunk)), model)
             for start in range(0, len(latents), chunk)
         ]
         return torch.cat(velocities)
 
-    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    def _velocity(
+        self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning, model: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """The (guided) velocity of a chunk of latents at timestep `t` (the scheduler's units), computed by `model`:
+        default the pipeline's transformer; the trainers pass theirs (accelerate-wrapped, LoRA on or off)."""
         raise NotImplementedError
 
     def _denoise_step(self, model_output, t, step_index, latents, generators, eta):
@@ -257,14 +261,14 @@ class RewardGuidedSD3Pipeline(FlowFamilyMixin, StableDiffusion3Pipeline):
         channels = self.transformer.config.in_channels
         return self.prepare_latents(count, channels, height, width, dtype, device, generators)
 
-    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    def _velocity(self, latents, t, conditioning, model=None):
         guided = self.do_classifier_free_guidance
         model_input = torch.cat([latents] * 2) if guided else latents
         embeds, pooled = conditioning.prompt_embeds, conditioning.text_embeds
         if guided:
             embeds = torch.cat([conditioning.negative_prompt_embeds, embeds])
             pooled = torch.cat([conditioning.negative_text_embeds, pooled])
-        velocity = self.transformer(
+        velocity = (model or self.transformer)(
             hidden_states=model_input,
             timestep=t.expand(len(model_input)),
             encoder_hidden_states=embeds,
@@ -365,14 +369,14 @@ class RewardGuidedFluxPipeline(FlowFamilyMixin, FluxPipeline):
         self._image_size = (height, width)
         return latents
 
-    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    def _velocity(self, latents, t, conditioning, model=None):
         timestep = t.expand(len(latents)).to(latents.dtype) / 1000
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([len(latents)], self.guidance_scale, device=latents.device, dtype=torch.float32)
 
         def call(embeds: torch.Tensor, pooled: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
-            return self.transformer(
+            return (model or self.transformer)(
                 hidden_states=latents,
                 timestep=timestep,
                 guidance=guidance,
@@ -468,12 +472,12 @@ class RewardGuidedFlux2KleinPipeline(FlowFamilyMixin, Flux2KleinPipeline):
         self._latent_grid = (height // (self.vae_scale_factor * 2), width // (self.vae_scale_factor * 2))
         return latents
 
-    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    def _velocity(self, latents, t, conditioning, model=None):
         timestep = t.expand(len(latents)).to(latents.dtype) / 1000
         image_ids = self._latent_ids[:1].expand(len(latents), -1, -1)  # every candidate has the same positions
 
         def call(embeds: torch.Tensor) -> torch.Tensor:
-            return self.transformer(
+            return (model or self.transformer)(
                 hidden_states=latents.to(self.transformer.dtype),
                 timestep=timestep,
                 guidance=None,
@@ -570,7 +574,7 @@ class RewardGuidedQwenImagePipeline(FlowFamilyMixin, QwenImagePipeline):
         self._image_size = (height, width)
         return self.prepare_latents(count, channels, height, width, dtype, device, generators)
 
-    def _velocity(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    def _velocity(self, latents, t, conditioning, model=None):
         count = len(latents)
         height, width = self._image_size
         shapes = [[(1, height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2)]] * count
@@ -579,7 +583,7 @@ class RewardGuidedQwenImagePipeline(FlowFamilyMixin, QwenImagePipeline):
             guidance = torch.full([count], self.guidance_scale, device=latents.device, dtype=torch.float32)
 
         def call(embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            return self.transformer(
+            return (model or self.transformer)(
                 hidden_states=latents,
                 timestep=t.expand(count).to(latents.dtype) / 1000,
                 guidance=guidance,
