@@ -12,7 +12,14 @@ import pytest
 import safetensors
 
 from ganrm_diffusers.cli.main import main as ganrm_main
-from ganrm_diffusers.demo.run import METHOD_GROUPS
+from ganrm_diffusers.demo.run import (
+    METHOD_GROUPS,
+    PRUNING_RULE,
+    TUNED_PRUNING,
+    DemoSettings,
+    Generator,
+    _pruning_choice,
+)
 from ganrm_diffusers.generation.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME
 from ganrm_diffusers.reward.model import GANRewardModel
 
@@ -82,7 +89,8 @@ def test_every_method_has_a_judged_row_on_the_same_seeds(demo_out):
     # Settings are chosen on tuning seeds that never overlap the evaluation seeds.
     tuning, evaluation = report["settings"]["tuning"]["seed_range"], report["evaluation"]["seed_range"]
     assert tuning[0] > evaluation[1] or tuning[1] < evaluation[0]
-    assert report["settings"]["tuning"]["pruning"]["chosen"] in report["settings"]["tuning"]["pruning"]["swept"]
+    # Without --tune the pruning schedule is the recorded choice, and the report says no sweep ran here.
+    assert report["settings"]["tuning"]["pruning"] == {"chosen": TUNED_PRUNING["unet"], "rule": PRUNING_RULE}
     assert report["world"]["clip_captions"] and report["goals"]
     report_md = (demo_out / "report.md").read_text()
     assert "| best_of_8_pruned |" in report_md and "| prdp |" in report_md and "grids/dpo.png" in report_md
@@ -106,9 +114,25 @@ def test_the_flow_family_has_the_selection_rows_under_the_same_contract(demo_out
         assert methods[name]["baseline"] == "random_candidate_sde", name
     tuning, evaluation = family["settings"]["tuning"]["seed_range"], family["evaluation"]["seed_range"]
     assert tuning[0] > evaluation[1] or tuning[1] < evaluation[0]
-    assert family["settings"]["tuning"]["pruning"]["chosen"] in family["settings"]["tuning"]["pruning"]["swept"]
+    assert family["settings"]["tuning"]["pruning"]["chosen"] == TUNED_PRUNING["flow"]
     assert any(goal["goal"].startswith("best-of-8") for goal in family["goals"])
     assert "## Family `sd3_flow`" in (demo_out / "report.md").read_text()
+
+
+def test_tune_sweeps_the_pruning_schedules_on_the_tuning_seeds(reduced_world, tmp_path):
+    """`ganrm demo --tune` chooses the schedule from a probe run on the tuning seeds and keeps every candidate's
+    figures; the rule (no judge) picks the largest reward gain kept within half best-of-N's cost."""
+    from ganrm_diffusers.demo.selection_study import PRUNE_CANDIDATES
+
+    settings = DemoSettings(out=tmp_path, quick=True, tune=True)
+    report = {"settings": {"tuning": {}}}
+    model = GANRewardModel(backbone=reduced_world.backbone, pretrained=None, hidden_sizes=(16,))
+    chosen = _pruning_choice(reduced_world, model, report, settings, Generator.unet(reduced_world))
+    pruning = report["settings"]["tuning"]["pruning"]
+    assert pruning["chosen"] == chosen and set(PRUNE_CANDIDATES) <= set(pruning["swept"])
+    affordable = {name: row for name, row in pruning["swept"].items() if "prune" in row and row["unet_cost"] <= 0.5}
+    assert chosen in affordable
+    assert pruning["swept"][chosen]["reward_gain_kept"] == max(row["reward_gain_kept"] for row in affordable.values())
 
 
 def test_the_rounds_row_reports_every_round(demo_out):

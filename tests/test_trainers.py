@@ -209,7 +209,7 @@ def test_two_processes_train_like_one_with_doubled_accumulation(assets, tmp_path
     # The claim: both runs took the same steps. Their gradients are summed in another order (gloo's average of two
     # halves against one accumulation), so compare what training changed, the update from the shared initial
     # LoRA, as one vector: wrong averaging or data change it by ~1e-1 relative, float32 order by ~1e-5.
-    initial = lora_state_dicts(setup_run(replace(config, output_dir=str(tmp_path / "initial"))).unet)[0]
+    initial = lora_state_dicts(setup_run(replace(config, output_dir=str(tmp_path / "initial"))).denoiser)[0]
     assert initial.keys() == one.keys()
     update_two = {key: two[key] - initial[key] for key in one}
     update_one = {key: one[key] - initial[key] for key in one}
@@ -295,15 +295,6 @@ def test_a_run_never_mixes_with_another_runs_checkpoints(assets, tmp_path):
         train_sft.train(replace(config, max_train_steps=3))  # a new run into the old run's folder
 
 
-def test_a_flow_matching_pipeline_is_refused_before_loading(assets, tmp_path):
-    from tiny_models import tiny_flux_pipeline
-
-    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
-    config = replace(configs(assets, "sd", tmp_path)["sft"], pretrained_model=str(tmp_path / "flux"))
-    with pytest.raises(TrainingConfigError, match="FluxPipeline .flow matching."):
-        train_sft.train(config)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # PRDP's chunked gradient is the loss's exact gradient
 
@@ -328,7 +319,7 @@ def test_prdp_chunked_gradient_equals_the_direct_gradient(assets, tmp_path):
     chunked = {name: p.grad.clone() for name, p in run.model.named_parameters() if p.grad is not None}
     run.model.zero_grad(set_to_none=True)
 
-    log_probs = torch.stack([run.sampler.log_prob(samples.trajectory, step, run.unet) for step in samples.steps], 1)
+    log_probs = torch.stack([run.sampler.log_prob(samples.trajectory, step, run.denoiser) for step in samples.steps], 1)
     shape = (-1, config.samples_per_prompt, len(samples.steps))
     direct_loss = prdp_loss(
         log_probs.view(shape),

@@ -164,7 +164,7 @@ accuracy {_cell(figures.get("class_accuracy"))}, style rate {_cell(figures.get("
 generator's samples): AUC target vs base {_cell(model.get("auc"))}, target vs other real digits
 {_cell(model.get("auc_style_among_real"))}. Rows on {family["evaluation"]["prompts"]} evaluation prompts, seeds
 {family["evaluation"]["seed_range"]}; pruning schedule `{pruning.get("chosen")}` chosen on tuning seeds
-{tuning["seed_range"]}.
+{tuning["seed_range"]} ({_pruning_source(pruning)}).
 
 {methods_table(family["methods"])}
 
@@ -174,6 +174,12 @@ generator's samples): AUC target vs base {_cell(model.get("auc"))}, target vs ot
 """
         )
     return "\n".join(sections)
+
+
+def _pruning_source(pruning: dict) -> str:
+    if "swept" in pruning:
+        return "every swept schedule is in report.json (`settings.tuning.pruning.swept`)"
+    return "the choice of an earlier `ganrm demo --tune` run on these seeds; `--tune` sweeps them again"
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -219,8 +225,7 @@ selection rows, `base` for the fine-tuned rows. `faint_rate` / `blank_rate`: the
 
 ## Settings chosen on the tuning seeds
 Tuning prompts: {tuning["prompts"]}, seeds {tuning["seed_range"]} (disjoint from the evaluation seeds).
-Pruning schedule: `{pruning.get("chosen")}` ({pruning.get("rule")}); every swept schedule is in report.json
-(`settings.tuning.pruning.swept`). Fine-tuning settings: `settings` of each fine-tuned row; how they were chosen is in
+Pruning schedule: `{pruning.get("chosen")}` ({pruning.get("rule")}); {_pruning_source(pruning)}. Fine-tuning settings: `settings` of each fine-tuned row; how they were chosen is in
 `settings.tuning.finetune` where a `ganrm demo --tune` run is recorded.
 
 ## What each row draws

@@ -34,13 +34,14 @@ from ganrm_diffusers.world.metrics import Reference, evaluate, paired_ratio, per
 from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digits
 
 # "selection": best-of-N, pruned, the same-cost random pick (deterministic DDIM); "fk": the same with eta = 1 and
-# FK resampling (a stochastic sampler is another distribution, so it brings its own random pick).
-# "flow": the selection rows (random pick, best-of-N, pruned, and the FK group on the stochastic flow step) on the
-# world's second generator, a flow-matching SD3-shaped model, with its own GAN-RM (report: families.sd3_flow).
+# FK resampling (a stochastic sampler is another distribution, so it brings its own random pick), for each
+# generator the run covers. "flow": the selection rows (random pick, best-of-N, pruned; with "fk" also the FK group
+# on the stochastic flow step) on the world's second generator, a flow-matching SD3-shaped model, with its own
+# GAN-RM (report: families.sd3_flow).
 METHOD_GROUPS = ("selection", "fk", "flow", "sft", "dpo", "prdp", "rounds")
-# `make demo` (`ganrm demo` without --methods) runs these: all but "fk", whose five stochastic runs cost about 14 more
-# CPU minutes (make demo already took 53.5 from a fresh clone, over its 45); `--methods ...,fk` adds them. "flow"
-# (the flow family, FK included) is a default: best-of-N on today's model families is what users come for.
+# `make demo` (`ganrm demo` without --methods) runs these: all but "fk", whose stochastic runs (five on the UNet,
+# four on the flow generator) cost about 23 more CPU minutes, where make demo must stay within 45 from a fresh clone;
+# `--methods ...,fk` adds them. "flow" is a default: best-of-N on today's model families is what users come for.
 DEFAULT_METHODS = ("selection", "flow", "sft", "dpo", "prdp", "rounds")
 FLOW_FAMILY = "sd3_flow"  # the report key of the flow-matching generator's rows: families.<FLOW_FAMILY>
 FLOW_STOCHASTIC_ETA = 0.7  # the flow SDE's noise level for its FK group (Flow-GRPO's a; it must stay below 1)
@@ -76,6 +77,11 @@ TUNING_RULE = (
 # digits, 5000 14.5 %, against 1.5 % for base, so the rule took the one losing least class accuracy). PRDP: not yet
 # tuned (that run was stopped before its candidates finished); beta 30 is the trainer's default.
 TUNED_FINETUNE = {"sft": "steps_75", "dpo": "beta_5000", "prdp": "beta_30"}
+# The pruning schedule (selection_study.PRUNE_CANDIDATES) chosen by PRUNING_RULE from one probe run of best-of-8 on
+# the tuning seeds, per generator: `ganrm demo --tune` runs the sweep again and uses its choice. Both chose 8to2_at30
+# on the world of seed 0 (UNet: 200 tuning prompts; flow: 100, keeping 0.96 of the reward gain at 0.49x cost).
+TUNED_PRUNING = {"unet": "8to2_at30", "flow": "8to2_at30"}
+PRUNING_RULE = "largest share of best-of-N's reward gain kept at <= 0.5x its UNet evaluations (no judge)"
 # `--quick`: every trainer runs a few steps, enough to prove the path works end to end, not to move the figures.
 QUICK_FINETUNE = {
     "sft": {"max_train_steps": 4, "eval_every": 2},
@@ -347,6 +353,7 @@ class Generator:
 
     pipeline_dir: Path
     sampling: dict
+    kind: str = "unet"  # the key of its recorded choices (TUNED_PRUNING)
     stochastic_eta: float = 1.0  # DDIM's eta for the UNet; the flow step's noise level for flow matching
     stochastic_suffix: str = "_eta1"
 
@@ -357,7 +364,7 @@ class Generator:
     @classmethod
     def flow(cls, world: object) -> Generator:
         # Flow-GRPO's noise level a = 0.7 (eta must stay below 1 for the flow SDE).
-        return cls(world.flow_pipeline_dir, world.flow_sampling_kwargs, FLOW_STOCHASTIC_ETA, "_sde")
+        return cls(world.flow_pipeline_dir, world.flow_sampling_kwargs, "flow", FLOW_STOCHASTIC_ETA, "_sde")
 
 
 def _selection_rows(
@@ -368,38 +375,16 @@ def _selection_rows(
     settings: DemoSettings,
     augmented_model: GANRewardModel | None = None,
     generator: Generator | None = None,
-    stochastic: bool | None = None,
 ):
-    """Choose the pruning schedule on the tuning seeds, then run every selection method on the evaluation seeds
-    of `generator` (default: the world's UNet one); best-of-N's candidates are also ranked by `augmented_model`
-    (no new samples: the same cost). `stochastic` (default: "fk" in the methods) adds the FK group."""
-    from ganrm_diffusers.demo.selection_study import (
-        PRUNE_CANDIDATES,
-        choose_schedule,
-        pruning_sweep,
-        random_pick,
-        selection_runs,
-    )
+    """Run every selection method on the evaluation seeds of `generator` (default: the world's UNet one), with the
+    pruning schedule chosen on the tuning seeds (`_pruning_choice`); best-of-N's candidates are also ranked by
+    `augmented_model` (no new samples: the same cost). With "fk" in the methods, the FK group too."""
+    from ganrm_diffusers.demo.selection_study import PRUNE_CANDIDATES, random_pick, selection_runs
 
     n = settings.num_candidates
     generator = generator or Generator.unet(world)
     sampling = generator.sampling
-    swept = pruning_sweep(
-        generator.pipeline_dir,
-        reward_model,
-        world.judges,
-        PRUNE_CANDIDATES,
-        prompts_per_digit=settings.tune_per_digit,
-        num_candidates=n,
-        seed=TUNING_FIRST_SEED,
-        **sampling,
-    )
-    chosen = choose_schedule(swept)
-    report["settings"]["tuning"]["pruning"] = {
-        "chosen": chosen,
-        "rule": "largest share of best-of-N's reward gain kept at <= 0.5x its UNet evaluations (no judge)",
-        "swept": swept,
-    }
+    chosen = _pruning_choice(world, reward_model, report, settings, generator)
     plan = settings.evaluation
     runs = selection_runs(
         generator.pipeline_dir,
@@ -408,7 +393,7 @@ def _selection_rows(
         plan.candidate_seeds,
         schedule=PRUNE_CANDIDATES[chosen],
         num_candidates=n,
-        stochastic="fk" in settings.methods if stochastic is None else stochastic,
+        stochastic="fk" in settings.methods,
         stochastic_eta=generator.stochastic_eta,
         stochastic_suffix=generator.stochastic_suffix,
         **sampling,
@@ -452,11 +437,38 @@ def _selection_rows(
             rows.rows[name].update(_kept(rows.rows[name], rows.rows[full_name], rows.rows[baseline]))
 
 
+def _pruning_choice(
+    world: object, reward_model: GANRewardModel, report: dict, settings: DemoSettings, generator: Generator
+) -> str:
+    """The pruning schedule for `generator`: with `--tune`, chosen by PRUNING_RULE from a probe run of best-of-N on
+    the tuning seeds (every candidate's figures go in the report); otherwise the recorded choice (TUNED_PRUNING)."""
+    from ganrm_diffusers.demo.selection_study import PRUNE_CANDIDATES, choose_schedule, pruning_sweep
+
+    tuning = report["settings"]["tuning"]
+    if not settings.tune:
+        chosen = TUNED_PRUNING[generator.kind]
+        tuning["pruning"] = {"chosen": chosen, "rule": PRUNING_RULE}  # no swept figures: an earlier run's choice
+        return chosen
+    swept = pruning_sweep(
+        generator.pipeline_dir,
+        reward_model,
+        world.judges,
+        PRUNE_CANDIDATES,
+        prompts_per_digit=settings.tune_per_digit,
+        num_candidates=settings.num_candidates,
+        seed=TUNING_FIRST_SEED,
+        **generator.sampling,
+    )
+    chosen = choose_schedule(swept)
+    tuning["pruning"] = {"chosen": chosen, "rule": PRUNING_RULE, "swept": swept}
+    return chosen
+
+
 def _flow_family(world: object, settings: DemoSettings) -> dict:
     """The selection rows on the world's flow-matching generator, as the paper's loop would run them there: its own
     GAN-RM (the same target digits against this generator's samples, the same training settings), a pruning
-    schedule chosen on its tuning seeds, then random pick, best-of-N, pruned best-of-N and the FK group (the
-    stochastic flow step) on its evaluation seeds, judged by the same judges."""
+    schedule chosen on its tuning seeds, then random pick, best-of-N, pruned best-of-N (and with "fk" the FK group
+    on the stochastic flow step) on its evaluation seeds, judged by the same judges."""
     out = settings.out
     pipe = world.load_flow_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -495,7 +507,7 @@ def _flow_family(world: object, settings: DemoSettings) -> dict:
         "methods": rows.rows,
         "settings": {"tuning": {"seed_range": flow_settings.tuning.describe()["seed_range"]}},
     }
-    _selection_rows(world, reward_model, rows, family, flow_settings, generator=generator, stochastic=True)
+    _selection_rows(world, reward_model, rows, family, flow_settings, generator=generator)
     family["goals"] = goals(rows.rows, settings.num_candidates)
     return family
 

@@ -19,7 +19,7 @@ from ganrm_diffusers.generation.flow_sampling import flow_step_std, flow_step_wi
 from ganrm_diffusers.generation.lora import adapters_disabled
 from ganrm_diffusers.generation.pipeline import reward_guided_class_for
 from ganrm_diffusers.generation.pipeline_flow import FlowFamilyMixin
-from ganrm_diffusers.generation.sampling import Conditioning, Trajectory
+from ganrm_diffusers.generation.sampling import Conditioning, Trajectory, encode_images
 
 DEFAULT_NOISE_LEVEL = 0.7  # Flow-GRPO's a; the SDE's noise level must stay below 1
 
@@ -122,6 +122,12 @@ class FlowLogProbSampler:
         device = self.adapter._execution_device
         rows = self.adapter._encode_conditioning(prompts, negative, height, width, device, **self.conditioning_kwargs)
         return rows.select(torch.arange(len(prompts)).repeat_interleave(num_per_prompt))
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images (B, 3, H, W) in [0, 1] in the layout this sampler's trajectories have (FLUX: packed)."""
+        latents = encode_images(self.adapter, images, self.chunk_size)
+        return self.adapter._from_vae_latents(latents)
 
     def velocity(
         self, model: torch.nn.Module | None, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning

@@ -1,13 +1,23 @@
-"""The one LoRA set-up and LoRA file I/O of ganrm: peft adapters on the UNet's attention projections, saved in
-diffusers' format and in kohya's format for ComfyUI, with a check that refuses a LoRA made for another base model.
+"""The one LoRA set-up and LoRA file I/O of ganrm: peft adapters on the denoiser (a UNet, or a flow-matching
+transformer: SD3.x, FLUX.1), saved in diffusers' format and in a format ComfyUI's stock LoRA loader maps, with a
+check that refuses a LoRA made for another base model.
 
 Files of a run (both safetensors, both written atomically, both carrying the base model's fingerprint):
-- `pytorch_lora_weights.safetensors`: diffusers' format (`unet.<module>.lora.down.weight`, the LoRA config in
-  diffusers' `lora_adapter_metadata`), loaded by `pipe.load_lora_weights(folder)`;
-- `pytorch_lora_weights_comfyui.safetensors`: kohya keys with diffusers block names
-  (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`) that ComfyUI's stock LoraLoader maps
-  for SD 1.x/2.x and SDXL UNets (it skips diffusers' PEFT-era keys); `alpha` is written explicitly so that
-  alpha / rank is the trained scale (diffusers' converter writes alpha = rank).
+- `pytorch_lora_weights.safetensors`: diffusers' format, the LoRA config in diffusers' `lora_adapter_metadata`
+  (prefixed with the pipeline's component name, so alpha != rank loads at the trained scale), loaded by
+  `pipe.load_lora_weights(folder)`. UNets: `unet.<module>.lora.down.weight` / `.lora.up.weight`. Transformers:
+  `transformer.<module>.lora_A.weight` / `.lora_B.weight`, as diffusers' SD3 / FLUX training scripts save them.
+- `pytorch_lora_weights_comfyui.safetensors`, with `alpha` written explicitly so that alpha / rank is the trained
+  scale (ComfyUI applies scale 1 to a module without `.alpha`; diffusers' kohya converter writes alpha = rank).
+  UNets: kohya keys with diffusers block names (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`,
+  `.alpha`), which ComfyUI maps for SD 1.x/2.x and SDXL UNets (it skips diffusers' PEFT-era UNet keys).
+  Transformers: the diffusers file's keys plus `transformer.<module>.alpha`. ComfyUI 0.3.75's
+  `comfy.lora.model_lora_keys_unet` maps `transformer.<diffusers module>` for `comfy.model_base.SD3` (through
+  `comfy.utils.mmdit_to_diffusers`) and for `comfy.model_base.Flux` (through `comfy.utils.flux_to_diffusers`),
+  q/k/v onto their slices of its fused qkv (and FLUX's single-block linear1) weights, and its LoRA weight adapter
+  reads `<key>.lora_B.weight` / `.lora_A.weight` / `.alpha`: the most standard spelling both tools read.
+  (For diffusers, load the diffusers file: FluxPipeline reads the `.alpha` keys too, StableDiffusion3Pipeline
+  refuses them.)
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors
 import safetensors.torch
@@ -29,10 +40,15 @@ from diffusers.utils.torch_utils import unwrap_module
 from ganrm_diffusers.utils.atomic import save_tensors_atomic
 from ganrm_diffusers.utils.errors import CheckpointError, LoraCompatibilityError
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 DIFFUSERS_WEIGHT_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors"
 COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
 BASE_MODEL_METADATA_KEY = "ganrm_base_model"
+UNET_PREFIX, TRANSFORMER_PREFIX = "unet", "transformer"  # diffusers' component names, the LoRA files' key prefixes
 
 # UNet config entries that decide whether a LoRA's modules and shapes fit. Not the pretrained id (a LoRA for SD 1.5
 # fits its fine-tunes), nor sample_size (SD 2 at 512 and 768 px share one architecture), nor the in/out channels
@@ -49,11 +65,37 @@ ARCHITECTURE_KEYS = (
     "use_linear_projection",
     "addition_embed_type",
 )
-
-_UNET_KEY = re.compile(
-    r"^(?:unet\.)?(?P<module>.+?)\.(?P<part>lora\.down|lora\.up|lora_A|lora_B)(?:\.default)?\.weight$"
+# The same for flow-matching transformers (each class records those it has): depth, width, text and pooled widths,
+# patch size and SD3.5's dual-attention blocks decide which modules exist and their shapes. Not in_channels /
+# out_channels (FLUX.1 Fill / Depth / Canny are FLUX.1 [dev] fine-tunes with wider inputs that take its LoRAs, as
+# inpainting UNets take SD's), nor guidance_embeds (FLUX.1 [dev] LoRAs are run on [schnell]), nor sample_size,
+# qk_norm or the rope axes (no LoRA weight's shape depends on them). The module-by-module shape check still refuses
+# a LoRA on a module that does not fit.
+TRANSFORMER_ARCHITECTURE_KEYS = (
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "caption_projection_dim",
+    "pooled_projection_dim",
+    "patch_size",
+    "dual_attention_layers",
 )
-_KOHYA_KEY = re.compile(r"^lora_unet_(?P<module>[^.]+)\.(?P<part>lora_down|lora_up)\.weight$")
+_DESCRIBED_TRANSFORMER_KEYS = (
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+)
+
+# Either prefix is read for either model: a UNet LoRA's modules do not exist in a transformer, nor the reverse, so
+# such a LoRA is refused by the module check with the module named.
+_DIFFUSERS_KEY = re.compile(
+    r"^(?:unet\.|transformer\.)?(?P<module>.+?)\.(?P<part>lora\.down|lora\.up|lora_A|lora_B)(?:\.default)?\.weight$"
+)
+_KOHYA_KEY = re.compile(r"^lora_(?:unet|transformer)_(?P<module>[^.]+)\.(?P<part>lora_down|lora_up)\.weight$")
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _IGNORED_KEY = re.compile(r"^(text_encoder|text_encoder_2|lora_te\d?)[._]|\.alpha$|\.dora_scale$|lora_magnitude_vector")
 
@@ -66,14 +108,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def add_lora(
-    unet: torch.nn.Module,
+    model: torch.nn.Module,
     rank: int = 4,
     alpha: float | None = None,
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
     dropout: float = 0.0,
-):
-    """Freeze `unet` and add a trainable peft LoRA (adapter "default") to `target_modules`; alpha defaults to rank.
-    Returns the `LoraConfig`. lora_B starts at zero, so the UNet's output is unchanged until training moves it."""
+) -> LoraConfig:
+    """Freeze `model` (a UNet or a transformer) and add a trainable peft LoRA (adapter "default") to
+    `target_modules`; alpha defaults to rank. Returns the `LoraConfig`. lora_B starts at zero, so the model's output
+    is unchanged until training moves it."""
     from peft import LoraConfig
 
     config = LoraConfig(
@@ -83,15 +126,15 @@ def add_lora(
         lora_dropout=dropout,
         init_lora_weights="gaussian",
     )
-    unet.requires_grad_(False)
-    unet.add_adapter(config)
+    model.requires_grad_(False)
+    model.add_adapter(config)
     return config
 
 
 @contextmanager
-def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
-    """Run the base model: the UNet with its LoRA adapters switched off (the reference of DPO and PRDP)."""
-    model = unwrap_model(unet)
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run the base model: the denoiser with its LoRA adapters switched off (the reference of DPO and PRDP)."""
+    model = unwrap_model(model)
     model.disable_adapters()
     try:
         yield
@@ -99,13 +142,31 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
         model.enable_adapters()
 
 
-def base_model_fingerprint(unet: torch.nn.Module, pretrained_model: str | None = None) -> dict:
-    """What a LoRA file records about the UNet it was trained on: class, architecture, sample size, pretrained id."""
-    model = unwrap_model(unet)
+def denoiser_prefix(model: torch.nn.Module) -> str:
+    """diffusers' component name of the denoiser, the prefix of its LoRA keys: "transformer" for a diffusion
+    transformer (SD3Transformer2DModel, FluxTransformer2DModel, ...), else "unet". Told by the class name, which
+    every diffusers DiT class carries, so that a model class ganrm does not know keeps the UNet behaviour."""
+    return TRANSFORMER_PREFIX if "Transformer" in type(unwrap_model(model)).__name__ else UNET_PREFIX
+
+
+def _architecture_keys(model: torch.nn.Module) -> tuple[str, ...]:
+    if denoiser_prefix(model) == UNET_PREFIX:
+        return ARCHITECTURE_KEYS
+    return tuple(key for key in TRANSFORMER_ARCHITECTURE_KEYS if key in model.config)
+
+
+def _model_word(model: torch.nn.Module) -> str:
+    return "UNet" if denoiser_prefix(model) == UNET_PREFIX else "transformer"
+
+
+def base_model_fingerprint(model: torch.nn.Module, pretrained_model: str | None = None) -> dict:
+    """What a LoRA file records about the denoiser it was trained on: class, architecture, sample size, pretrained
+    id. A UNet records every ARCHITECTURE_KEYS entry; a transformer the TRANSFORMER_ARCHITECTURE_KEYS its class has."""
+    model = unwrap_model(model)
     config = model.config
     fingerprint = {
         "class": type(model).__name__,
-        **{key: config.get(key) for key in ARCHITECTURE_KEYS},
+        **{key: config.get(key) for key in _architecture_keys(model)},
         "sample_size": config.get("sample_size"),
         "pretrained": pretrained_model or config.get("_name_or_path") or None,
     }
@@ -113,52 +174,73 @@ def base_model_fingerprint(unet: torch.nn.Module, pretrained_model: str | None =
 
 
 def describe_base_model(fingerprint: Mapping) -> str:
+    """The recorded base model in words: its name, class and the entries that tell its architectures apart."""
     name = fingerprint.get("pretrained") or "an unnamed model"
-    return (
-        f"{name} ({fingerprint.get('class')}, cross_attention_dim={fingerprint.get('cross_attention_dim')}, "
-        f"block_out_channels={fingerprint.get('block_out_channels')}, "
-        f"addition_embed_type={fingerprint.get('addition_embed_type')})"
-    )
+    if "block_out_channels" in fingerprint:  # a UNet's fingerprint
+        return (
+            f"{name} ({fingerprint.get('class')}, cross_attention_dim={fingerprint.get('cross_attention_dim')}, "
+            f"block_out_channels={fingerprint.get('block_out_channels')}, "
+            f"addition_embed_type={fingerprint.get('addition_embed_type')})"
+        )
+    details = ", ".join(f"{key}={fingerprint[key]}" for key in _DESCRIBED_TRANSFORMER_KEYS if key in fingerprint)
+    return f"{name} ({', '.join(filter(None, [str(fingerprint.get('class')), details]))})"
 
 
 def lora_state_dicts(
-    unet: torch.nn.Module, adapter_name: str = "default"
+    model: torch.nn.Module, adapter_name: str = "default"
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The adapter's weights as (diffusers-format, kohya-format) state dicts, float32 on the CPU."""
+    """The adapter's weights as (diffusers-format, ComfyUI-format) state dicts, float32 on the CPU (see the module
+    docstring for the two formats of UNets and of transformers)."""
     from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
 
-    model = unwrap_model(unet)
+    model = unwrap_model(model)
+    prefix = denoiser_prefix(model)
     peft_state = {
-        f"unet.{key}": value.detach().to("cpu", torch.float32).contiguous()
+        f"{prefix}.{key}": value.detach().to("cpu", torch.float32).contiguous()
         for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
     }
-    kohya = convert_state_dict_to_kohya(peft_state)
-    # The converter writes alpha = rank; the trained scale is peft's `scaling` (alpha / rank, or alpha / sqrt(rank)
-    # with rsLoRA), which kohya readers apply as alpha / rank.
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.scaling:
-            alpha_key = f"lora_unet_{name.replace('.', '_')}.alpha"
-            if alpha_key not in kohya:
-                raise RuntimeError(f"kohya conversion lost the LoRA module {name}")
-            kohya[alpha_key] = torch.tensor(float(module.scaling[adapter_name] * module.r[adapter_name]))
-    return convert_state_dict_to_diffusers(peft_state), kohya
+    # The trained scale is peft's `scaling` (alpha / rank, or alpha / sqrt(rank) with rsLoRA); ComfyUI applies
+    # alpha / rank, so the alpha to write is scaling * rank, per module (peft's rank_pattern / alpha_pattern).
+    alphas = {
+        name: float(module.scaling[adapter_name] * module.r[adapter_name])
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling
+    }
+    if prefix == UNET_PREFIX:
+        comfyui, diffusers = convert_state_dict_to_kohya(peft_state), convert_state_dict_to_diffusers(peft_state)
+        alpha_keys = {name: f"lora_unet_{name.replace('.', '_')}.alpha" for name in alphas}
+        converted = set(comfyui)  # the converter writes an alpha (= rank) for each module it converted
+    else:
+        # diffusers' SD3 / FLUX training scripts save the PEFT keys as they are (`save_lora_weights` only adds the
+        # component prefix), and ComfyUI reads those same keys: only the alphas are added for ComfyUI.
+        diffusers, comfyui = peft_state, dict(peft_state)
+        alpha_keys = {name: f"{prefix}.{name}.alpha" for name in alphas}
+        converted = {key.removesuffix(".lora_A.weight") + ".alpha" for key in comfyui if key.endswith(".lora_A.weight")}
+    for name, key in alpha_keys.items():
+        if key not in converted:
+            raise RuntimeError(f"the LoRA module {name} is missing from the ComfyUI state dict")
+        comfyui[key] = torch.tensor(alphas[name])
+    return diffusers, comfyui
 
 
 def save_lora(
-    unet: torch.nn.Module,
+    model: torch.nn.Module,
     output_dir: str | Path,
     pretrained_model: str | None = None,
     adapter_name: str = "default",
 ) -> tuple[Path, Path]:
-    """Write the UNet's LoRA as `DIFFUSERS_WEIGHT_NAME` and `COMFYUI_WEIGHT_NAME` in `output_dir`, atomically.
-    Returns the two paths. `pretrained_model` (a Hub id or folder) is recorded; default: the UNet's own."""
-    model = unwrap_model(unet)
+    """Write the denoiser's LoRA as `DIFFUSERS_WEIGHT_NAME` and `COMFYUI_WEIGHT_NAME` in `output_dir`, atomically.
+    Returns the two paths. `pretrained_model` (a Hub id or folder) is recorded; default: the model's own."""
+    model = unwrap_model(model)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    diffusers_state, kohya_state = lora_state_dicts(model, adapter_name)
+    diffusers_state, comfyui_state = lora_state_dicts(model, adapter_name)
     fingerprint = json.dumps(base_model_fingerprint(model, pretrained_model), sort_keys=True)
-    lora_config = {f"unet.{key}": value for key, value in model.peft_config[adapter_name].to_dict().items()}
+    # diffusers' loaders keep the metadata entries under their component's prefix and build the LoraConfig from
+    # them (lora_alpha included), as the pipelines' save_lora_weights write them.
+    prefix = denoiser_prefix(model)
+    lora_config = {f"{prefix}.{key}": value for key, value in model.peft_config[adapter_name].to_dict().items()}
     lora_config = json.dumps(lora_config, sort_keys=True, default=list)  # target_modules is a set
     diffusers_path, comfyui_path = output_dir / DIFFUSERS_WEIGHT_NAME, output_dir / COMFYUI_WEIGHT_NAME
     save_tensors_atomic(
@@ -166,7 +248,7 @@ def save_lora(
         diffusers_state,
         {"format": "pt", BASE_MODEL_METADATA_KEY: fingerprint, LORA_ADAPTER_METADATA_KEY: lora_config},
     )
-    save_tensors_atomic(comfyui_path, kohya_state, {"format": "pt", BASE_MODEL_METADATA_KEY: fingerprint})
+    save_tensors_atomic(comfyui_path, comfyui_state, {"format": "pt", BASE_MODEL_METADATA_KEY: fingerprint})
     return diffusers_path, comfyui_path
 
 
@@ -217,38 +299,47 @@ def read_lora(
 
 
 def check_lora_compatible(
-    lora: str | Path | Mapping[str, torch.Tensor], unet: torch.nn.Module, weight_name: str | None = None
+    lora: str | Path | Mapping[str, torch.Tensor], model: torch.nn.Module, weight_name: str | None = None
 ) -> None:
-    """Raise `LoraCompatibilityError` unless the LoRA fits `unet`: its recorded base model (when the file has our
-    metadata) has the UNet's architecture, and every UNet LoRA weight maps onto a UNet module with matching shapes.
+    """Raise `LoraCompatibilityError` unless the LoRA fits `model` (a UNet or a transformer): its recorded base model
+    (when the file has our metadata) has the model's class and architecture, and every LoRA weight of the denoiser
+    maps onto one of its modules with matching shapes.
 
-    Reads diffusers/PEFT keys, kohya keys with diffusers or SGM block names; text encoder keys are not checked."""
+    Reads diffusers/PEFT keys (`unet.` or `transformer.` prefixed, or bare) and kohya keys with diffusers module
+    names (and for UNets SGM block names); text encoder keys are not checked. Other formats (e.g. FLUX LoRAs keyed
+    by BFL's block names) are refused as of no known format."""
     state_dict, metadata = read_lora(lora, weight_name)
     name = "the LoRA state dict" if isinstance(lora, Mapping) else f"LoRA {lora}"
-    model = unwrap_model(unet)
+    model = unwrap_model(model)
+    word = _model_word(model)
     expected = base_model_fingerprint(model)
     if BASE_MODEL_METADATA_KEY in metadata:
         try:
             made_for = json.loads(metadata[BASE_MODEL_METADATA_KEY])
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{name} has a corrupt {BASE_MODEL_METADATA_KEY} metadata entry: {error}") from error
-        differing = [key for key in ("class", *ARCHITECTURE_KEYS) if made_for.get(key) != expected.get(key)]
+        if made_for.get("class") != expected["class"]:
+            differing = ["class"]  # entries of the same name mean other things in other classes
+        else:
+            # An entry the file does not record is not compared: a file written before the entry was added still
+            # loads (every file ganrm wrote records all of a UNet's entries, so UNets compare them all as before).
+            differing = [key for key in _architecture_keys(model) if key in made_for and made_for[key] != expected[key]]
         if differing:
             raise LoraCompatibilityError(
-                f"{name} was made for {describe_base_model(made_for)}, but the UNet it is loaded into is "
+                f"{name} was made for {describe_base_model(made_for)}, but the {word} it is loaded into is "
                 f"{describe_base_model(expected)}; they differ in {', '.join(differing)}"
             )
 
     modules = dict(model.named_modules())
-    layers, unknown = _unet_lora_layers(state_dict, model)
+    layers, unknown = _lora_layers(state_dict, model)
     if not layers and not unknown:
-        raise LoraCompatibilityError(f"{name} holds no UNet LoRA weights")
-    problems = [f"{key}: not a UNet LoRA key of a known format" for key in unknown]
+        raise LoraCompatibilityError(f"{name} holds no {word} LoRA weights")
+    problems = [f"{key}: not a {word} LoRA key of a known format" for key in unknown]
     for module_name, shapes in sorted(layers.items()):
         module = modules.get(module_name)
         module = getattr(module, "base_layer", module)  # a module that already carries a peft LoRA
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            problems.append(f"{module_name}: no such linear or convolution module in the UNet")
+            problems.append(f"{module_name}: no such linear or convolution module in the {word}")
             continue
         fan_in, fan_out = (
             (module.in_features, module.out_features)
@@ -260,22 +351,23 @@ def check_lora_compatible(
             problems.append(f"{module_name}: has only one of the down/up LoRA weights")
         elif down[1] != fan_in or up[0] != fan_out:
             problems.append(
-                f"{module_name}: LoRA maps {down[1]} -> {up[0]} features, the UNet module {fan_in} -> {fan_out}"
+                f"{module_name}: LoRA maps {down[1]} -> {up[0]} features, the {word} module {fan_in} -> {fan_out}"
             )
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise LoraCompatibilityError(
-            f"{name} does not fit the UNet of {describe_base_model(expected)}: {len(problems)} of its "
+            f"{name} does not fit the {word} of {describe_base_model(expected)}: {len(problems)} of its "
             f"{len(layers) + len(unknown)} LoRA modules do not map onto it ({shown}). Was it made for another base model?"
         )
 
 
-def _unet_lora_layers(
+def _lora_layers(
     state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module
 ) -> tuple[dict[str, dict[str, torch.Size]], list[str]]:
-    """{UNet module name: {"down": shape, "up": shape}} of a LoRA state dict, and the keys of no known LoRA format."""
-    # Kohya files of SDXL name blocks as SGM does (input_blocks...): diffusers' own converter renames them.
-    state_dict = _maybe_map_sgm_blocks_to_diffusers(dict(state_dict), model.config)
+    """{module name: {"down": shape, "up": shape}} of a LoRA state dict, and the keys of no known LoRA format."""
+    if denoiser_prefix(model) == UNET_PREFIX:
+        # Kohya files of SDXL name blocks as SGM does (input_blocks...): diffusers' own converter renames them.
+        state_dict = _maybe_map_sgm_blocks_to_diffusers(dict(state_dict), model.config)
     flat_names = {name.replace(".", "_"): name for name, _ in model.named_modules()}
     layers: dict[str, dict[str, torch.Size]] = {}
     unknown = []
@@ -285,9 +377,9 @@ def _unet_lora_layers(
             part = "down" if kohya["part"] == "lora_down" else "up"
         elif _IGNORED_KEY.search(key):
             continue
-        elif unet_key := _UNET_KEY.match(key):
-            module_name = unet_key["module"]
-            part = "down" if unet_key["part"] in ("lora.down", "lora_A") else "up"
+        elif diffusers_key := _DIFFUSERS_KEY.match(key):
+            module_name = diffusers_key["module"]
+            part = "down" if diffusers_key["part"] in ("lora.down", "lora_A") else "up"
         else:
             unknown.append(key)
             continue
@@ -295,12 +387,21 @@ def _unet_lora_layers(
     return layers, unknown
 
 
+def pipeline_denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The model a pipeline's LoRA goes into: ganrm's `denoiser`, else diffusers' `transformer` or `unet`."""
+    for attribute in ("denoiser", "transformer", "unet"):
+        model = getattr(pipe, attribute, None)
+        if isinstance(model, torch.nn.Module):
+            return model
+    raise TypeError(f"{type(pipe).__name__} has no UNet or transformer to load a LoRA into")
+
+
 def load_lora_into_pipeline(
-    pipe, lora: str | Path | Mapping[str, torch.Tensor], weight_name: str | None = None, **kwargs
+    pipe: DiffusionPipeline, lora: str | Path | Mapping[str, torch.Tensor], weight_name: str | None = None, **kwargs
 ) -> None:
     """`check_lora_compatible`, then diffusers' `pipe.load_lora_weights` (kwargs such as adapter_name go to it).
     A pipeline class that overrides `load_lora_weights` calls `check_lora_compatible` and then super()'s instead."""
-    check_lora_compatible(lora, pipe.unet, weight_name)
+    check_lora_compatible(lora, pipeline_denoiser(pipe), weight_name)
     if not isinstance(lora, Mapping):
         lora = str(resolve_lora_file(lora, weight_name))  # the very file that was checked
     pipe.load_lora_weights(lora, **kwargs)

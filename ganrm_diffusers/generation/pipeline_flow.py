@@ -158,6 +158,10 @@ class FlowFamilyMixin(RewardGuidedMixin):
     def _decode(self, latents: torch.Tensor, chunk: int) -> torch.Tensor:
         return decode_latents(self, latents, chunk)
 
+    def _from_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, C, h, w), scaled as `encode_images` gives them, in the layout the sampler works in."""
+        return latents
+
     def _default_image_size(self) -> int:
         return self.default_sample_size * self.vae_scale_factor
 
@@ -397,6 +401,9 @@ class RewardGuidedFluxPipeline(FlowFamilyMixin, FluxPipeline):
     def _decode(self, latents: torch.Tensor, chunk: int) -> torch.Tensor:
         height, width = self._image_size
         return decode_latents(self, self._unpack_latents(latents, height, width, self.vae_scale_factor), chunk)
+
+    def _from_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._pack_latents(latents, *latents.shape)  # 2x2 patches as tokens, as FLUX samples them
 
     def _size_multiple(self) -> int:
         return self.vae_scale_factor * 2

@@ -346,6 +346,11 @@ class DDIMLogProbSampler:
             return Conditioning(embeds, text_embeds=pooled, time_ids=time_ids)
         return Conditioning(embeds, negative, pooled, negative_pooled, time_ids, time_ids)
 
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images (B, 3, H, W) in [0, 1], as the UNet sees them (`encode_images`)."""
+        return encode_images(self.pipe, images, self.chunk_size)
+
     def noise_pred(
         self, unet: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning
     ) -> torch.Tensor:

@@ -15,6 +15,25 @@ from ganrm_diffusers.utils.options import OptionParser, add_config_arguments, co
 logger = logging.getLogger(__name__)
 
 
+# LoRA targets of flow-matching transformers (SD3.x, FLUX.1): the attention projections of both streams and the
+# MLPs (not the final `proj_out`, which the name would also catch).
+FLOW_TARGET_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+)
+
+
 class TrainingConfigError(GanrmError, ValueError):
     """Settings that cannot train (no prompts, a batch larger than the data, a checkpoint of another run)."""
 
@@ -27,7 +46,9 @@ class TrainingConfigError(GanrmError, ValueError):
 class FinetuneConfig:
     """Settings every trainer shares. Sampling settings serve on-the-fly data, PRDP's trajectories and evaluation."""
 
-    pretrained_model: str = option("", "diffusers SD 1.x/2.x or SDXL pipeline: folder or Hub id", required=True)
+    pretrained_model: str = option(
+        "", "diffusers SD 1.x/2.x, SDXL, SD3.x or FLUX.1 pipeline: folder or Hub id", required=True
+    )
     output_dir: str = option("finetune-out", "where the LoRA, checkpoints, metrics and curves go")
     reward_model: str | None = option(None, "GAN-RM reward model folder or Hub id (ganrm train-rm)")
     prompts: str | None = option(None, "text file, one prompt per line (the prompts to sample and train on)")
@@ -35,7 +56,13 @@ class FinetuneConfig:
     # LoRA
     lora_rank: int = option(4, "LoRA rank")
     lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)")
-    lora_targets: str = option(",".join(DEFAULT_TARGET_MODULES), "comma-separated UNet modules that get a LoRA")
+    lora_targets: str | None = option(
+        None,
+        "comma-separated modules that get a LoRA (default: UNets "
+        f"{','.join(DEFAULT_TARGET_MODULES)}; flow transformers {','.join(FLOW_TARGET_MODULES)})",
+    )
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+    use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW (less optimizer memory; needs bitsandbytes)")
     # Optimisation
     learning_rate: float = option(1e-4, "AdamW learning rate")
     adam_beta1: float = option(0.9, "AdamW beta1")
@@ -62,7 +89,10 @@ class FinetuneConfig:
     # Sampling
     num_inference_steps: int = option(50, "DDIM steps when sampling")
     guidance_scale: float = option(5.0, "classifier-free guidance when sampling")
-    eta: float = option(0.0, "DDIM eta when sampling (0: deterministic steps)")
+    eta: float = option(
+        0.0, "DDIM eta when sampling; for flow-matching models the SDE noise level in [0, 1) (0: deterministic steps)"
+    )
+    max_sequence_length: int | None = option(None, "text tokens of SD3 / FLUX's T5 encoder (default: the pipeline's)")
     sample_batch_size: int | None = option(None, "samples per UNet call when sampling (default: all at once)")
     # Evaluation (needs --reward_model)
     eval_every: int = option(0, "measure the mean reward of fixed samples every this many steps (0: start and end)")

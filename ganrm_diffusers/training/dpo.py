@@ -17,13 +17,7 @@ import torch
 
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError, option, parse_config
 from ganrm_diffusers.training.examples import PreferenceExamples, build_examples, config_prompts
-from ganrm_diffusers.training.loop import (
-    Batch,
-    conditioning_kwargs,
-    denoising_target,
-    reference_predict,
-    train_on_examples,
-)
+from ganrm_diffusers.training.loop import Batch, reference_predict, train_on_examples
 from ganrm_diffusers.training.losses import DPO_BETA_CONVENTION, diffusion_dpo_loss
 from ganrm_diffusers.training.run import FinetuneRun, finish_run, setup_run
 
@@ -75,13 +69,13 @@ def report_dropped_pairs(run: FinetuneRun, examples: PreferenceExamples) -> None
 
 
 def dpo_loss(run: FinetuneRun, batch: Batch):
-    """Winners and losers in one UNet call, with the same noise and timestep per pair."""
+    """Winners and losers in one model call, with the same noise and timestep per pair."""
     latents = torch.cat([batch.winners, batch.losers])
-    noise, timesteps = batch.noise.repeat(2, 1, 1, 1), batch.timesteps.repeat(2)
-    noisy, target = denoising_target(run, latents, noise, timesteps)
-    kwargs = conditioning_kwargs(run, batch.texts + batch.texts)
-    prediction = run.unet(noisy.to(run.weight_dtype), timesteps, **kwargs, return_dict=False)[0]
-    reference = reference_predict(run, noisy, timesteps, kwargs)
+    noise, timesteps = torch.cat([batch.noise, batch.noise]), torch.cat([batch.timesteps, batch.timesteps])
+    noisy, target = run.objective.noisy_and_target(latents, noise, timesteps)
+    texts = batch.texts + batch.texts
+    prediction = run.objective.predict(run.denoiser, noisy, timesteps, texts)
+    reference = reference_predict(run, noisy, timesteps, texts)
     result = diffusion_dpo_loss(prediction, reference, target, run.config.beta)
     return result.loss, {"implicit_accuracy": float(result.implicit_accuracy)}
 

@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ganrm_diffusers.generation.candidates import SampleSettings, read_prompts_file, read_records
-from ganrm_diffusers.generation.sampling import encode_images
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError
 from ganrm_diffusers.training.run import DATA_DIR, FinetuneRun
@@ -219,7 +218,7 @@ def folder_examples(
         chosen = winners.tolist() + ([] if losers is None else losers.tolist())
         # Every pair of a prompt may be left out: encode one image anyway, for the latents' shape.
         pixels = to_pixels([load_image(folder / group[i]["file_name"]) for i in chosen or [0]], device=run.device)
-        latents = encode_images(run.pipe, pixels, run.config.sample_batch_size).cpu()[: len(chosen)]
+        latents = run.sampler.encode_images(pixels).cpu()[: len(chosen)]
         parts.append(
             PreferenceExamples(
                 prompts=[group[0]["prompt"]],

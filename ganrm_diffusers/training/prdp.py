@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ganrm_diffusers.generation.flow_sampler import DEFAULT_NOISE_LEVEL
 from ganrm_diffusers.generation.sampling import Trajectory
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError, option, parse_config
 from ganrm_diffusers.training.examples import config_prompts, evaluate_reward, score_images
@@ -103,7 +104,11 @@ class PRDPConfig(FinetuneConfig):
     reward_scale: float = option(1.0, REWARD_SCALE_HELP)
     learning_rate: float = option(3e-4, "AdamW learning rate (LoRA)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    eta: float = option(1.0, "DDIM eta of the sampled trajectories (> 0: PRDP needs stochastic steps)")
+    eta: float | None = option(
+        None,
+        "noise of the sampled trajectories (> 0: PRDP needs stochastic steps); default: DDIM eta 1 for UNets, the "
+        f"flow SDE's noise level {DEFAULT_NOISE_LEVEL} for flow-matching models",
+    )
     checkpoint_every: int = option(10, "write a checkpoint every this many epochs (an epoch's samples are not kept)")
     max_train_steps: int = option(0, "unused by PRDP: it takes epochs x inner_steps optimizer steps")
 
@@ -114,7 +119,7 @@ class PRDPConfig(FinetuneConfig):
     def check(self) -> None:
         self.max_train_steps = self.epochs * self.inner_steps
         super().check()
-        if self.eta <= 0:
+        if self.eta is not None and self.eta <= 0:
             raise TrainingConfigError("PRDP needs stochastic steps: --eta must be > 0")
         if self.samples_per_prompt < 2:
             raise TrainingConfigError("PRDP compares trajectories of a prompt: --samples_per_prompt must be >= 2")
@@ -199,8 +204,8 @@ def prdp_step(run: FinetuneRun, samples: EpochSamples, current: torch.Tensor) ->
     run.model.train()
     for number, (column, rows) in enumerate(active):
         last = number == len(active) - 1
-        with accelerator.no_sync(run.unet) if not last else nullcontext(), accelerator.autocast():
-            log_prob = run.sampler.log_prob(samples.trajectory.select(rows), samples.steps[column], run.unet)
+        with accelerator.no_sync(run.denoiser) if not last else nullcontext(), accelerator.autocast():
+            log_prob = run.sampler.log_prob(samples.trajectory.select(rows), samples.steps[column], run.denoiser)
             accelerator.backward((coefficients[rows, column].to(log_prob.device) * log_prob).sum())
     ratio = (current - samples.ref_log_probs).mean(dim=1)
     moved = (current - samples.old_log_probs).abs()

@@ -227,7 +227,7 @@ def train(config: RoundsConfig, run: FinetuneRun | None = None) -> dict:
                 "output_dir"
             )
         if done.is_file():  # finished before a restart: take its LoRA
-            load_lora_weights_into(run.unet, read_tensors(folder / "lora_state.safetensors")[0], str(folder))
+            load_lora_weights_into(run.denoiser, read_tensors(folder / "lora_state.safetensors")[0], str(folder))
             rounds.append(json.loads(done.read_text()))
             continue
         model, rm_metrics = train_reward_model(run, prompts, index)
@@ -256,8 +256,8 @@ def train(config: RoundsConfig, run: FinetuneRun | None = None) -> dict:
             "dropped_pairs": examples.dropped_pairs,
         }
         if run.is_main:
-            save_lora(run.unet, folder / "lora", pretrained_model=config.pretrained_model)
-            save_tensors_atomic(folder / "lora_state.safetensors", lora_weights(run.unet))
+            save_lora(run.denoiser, folder / "lora", pretrained_model=config.pretrained_model)
+            save_tensors_atomic(folder / "lora_state.safetensors", lora_weights(run.denoiser))
             plot_metric_curves(records, CURVES[config.finetune], folder / "curves.png", title=f"round {index}")
             write_json_atomic(done, entry)
             summary_log.append(

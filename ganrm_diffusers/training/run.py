@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ganrm_diffusers.generation.lora import add_lora, save_lora, unwrap_model
+from ganrm_diffusers.generation.flow_sampler import DEFAULT_NOISE_LEVEL, FlowLogProbSampler
+from ganrm_diffusers.generation.lora import DEFAULT_TARGET_MODULES, add_lora, save_lora, unwrap_model
 from ganrm_diffusers.generation.sampling import DDIMLogProbSampler
-from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError
+from ganrm_diffusers.training.config import FLOW_TARGET_MODULES, FinetuneConfig, TrainingConfigError
+from ganrm_diffusers.training.objectives import DenoisingObjective, FlowMatchingObjective, UNetObjective
 from ganrm_diffusers.training.state import (
     list_checkpoints,
     load_checkpoint,
@@ -33,14 +35,17 @@ from ganrm_diffusers.utils.atomic import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-
-logger = logging.getLogger(__name__)
-
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "metrics.json"
 CURVES_NAME = "curves.png"
 DATA_DIR = "data"
-PROMPT_CACHE_SIZE = 4096  # prompts whose text-encoder outputs a run keeps (SD 1.5: about 0.24 MB each)
+# The reward-guided pipeline classes of the families the trainers fine-tune (generation.pipeline.FAMILIES).
+TRAINABLE_FAMILIES = (
+    "RewardGuidedPipeline",
+    "RewardGuidedXLPipeline",
+    "RewardGuidedSD3Pipeline",
+    "RewardGuidedFluxPipeline",
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -49,26 +54,26 @@ PROMPT_CACHE_SIZE = 4096  # prompts whose text-encoder outputs a run keeps (SD 1
 
 @dataclass
 class FinetuneRun:
-    """Everything a trainer works with. `unet` is the accelerate-prepared (possibly DDP-wrapped) UNet with its LoRA;
-    `model` the bare one. The pipeline's own UNet is that same bare UNet, so sampling uses the current weights."""
+    """Everything a trainer works with. `denoiser` is the accelerate-prepared (possibly DDP-wrapped) UNet or
+    transformer with its LoRA; `model` the bare one. The pipeline's own denoiser is that same bare model, so sampling
+    uses the current weights. `sampler` draws trajectories with log-probabilities (DDIM for UNets, the flow SDE for
+    flow-matching transformers); `objective` is how SFT and DPO noise examples and what the model predicts."""
 
     config: FinetuneConfig
     accelerator: object
     pipe: object
-    unet: torch.nn.Module
-    sampler: DDIMLogProbSampler
-    text_encoder: DDIMLogProbSampler  # the same pipeline without guidance: encodes training prompts, no negatives
-    noise_scheduler: object
+    denoiser: torch.nn.Module
+    sampler: DDIMLogProbSampler | FlowLogProbSampler
+    objective: DenoisingObjective
     reward_model: object | None
     weight_dtype: torch.dtype
     output_dir: Path
     metrics: MetricsLog
     started: float = field(default_factory=time.perf_counter)
-    prompt_cache: dict = field(default_factory=dict)  # prompt -> its Conditioning, oldest first
 
     @property
     def model(self) -> torch.nn.Module:
-        return unwrap_model(self.unet)
+        return unwrap_model(self.denoiser)
 
     @property
     def device(self) -> torch.device:
@@ -79,7 +84,7 @@ class FinetuneRun:
         return self.accelerator.is_main_process
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
+        return [parameter for parameter in self.denoiser.parameters() if parameter.requires_grad]
 
     def print(self, message: str) -> None:
         if self.is_main:
@@ -88,23 +93,25 @@ class FinetuneRun:
 
 def setup_run(config: FinetuneConfig, *, pipe=None, reward_model=None, accelerator=None) -> FinetuneRun:
     """Load the pipeline (or use `pipe`), add the LoRA, load the reward model (or use `reward_model`), prepare the
-    UNet for accelerate. The frozen weights take the mixed-precision dtype, the LoRA stays float32."""
+    denoiser for accelerate. The frozen weights take the mixed-precision dtype, the LoRA stays float32."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler, DiffusionPipeline
 
     config.check()
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if pipe is None:
-        _check_trainable_family(config.pretrained_model)
+        pipeline_class = _trainable_pipeline_class(config.pretrained_model)
         try:
-            pipe = DiffusionPipeline.from_pretrained(config.pretrained_model)
+            pipe = pipeline_class.from_pretrained(config.pretrained_model)
         except (OSError, ValueError) as error:
             raise TrainingConfigError(f"cannot load the pipeline {config.pretrained_model}: {error}") from error
-    for name in ("unet", "vae"):
+    flow = _is_flow_pipeline(pipe)
+    for name in ("transformer" if flow else "unet", "vae"):
         if getattr(pipe, name, None) is None:
-            raise TrainingConfigError(f"{config.pretrained_model} has no {name}: the trainers need SD 1.x/2.x or SDXL")
+            raise TrainingConfigError(
+                f"{config.pretrained_model} has no {name}: the trainers need SD 1.x/2.x, SDXL, SD3.x or FLUX.1"
+            )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     if weight_dtype != torch.float32:
@@ -112,27 +119,24 @@ def setup_run(config: FinetuneConfig, *, pipe=None, reward_model=None, accelerat
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)
-    unet = pipe.unet
+    denoiser = pipe.transformer if flow else pipe.unet
     set_seed(config.seed)  # the LoRA's initial weights, and any randomness a trainer draws from the global RNGs
-    if not hasattr(unet, "peft_config"):
-        targets = [name.strip() for name in config.lora_targets.split(",") if name.strip()]
-        add_lora(unet, rank=config.lora_rank, alpha=config.lora_alpha, target_modules=targets)
-    for parameter in unet.parameters():
+    if not hasattr(denoiser, "peft_config"):
+        default = FLOW_TARGET_MODULES if flow else DEFAULT_TARGET_MODULES
+        targets = [name.strip() for name in (config.lora_targets or "").split(",") if name.strip()] or list(default)
+        add_lora(denoiser, rank=config.lora_rank, alpha=config.lora_alpha, target_modules=targets)
+    for parameter in denoiser.parameters():
         if parameter.requires_grad:  # trained weights in float32 whatever the frozen weights' dtype
             parameter.data = parameter.data.float()
+    if config.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
     if reward_model is None and config.reward_model:
         from ganrm_diffusers.reward.model import GANRewardModel
 
         reward_model = GANRewardModel.from_pretrained(config.reward_model)
     if reward_model is not None:
         reward_model.to(accelerator.device).eval()
-    sampler = DDIMLogProbSampler(
-        pipe,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        eta=config.eta,
-        chunk_size=config.sample_batch_size,
-    )
+    sampler, objective = (_flow_parts if flow else _unet_parts)(pipe, config, weight_dtype)
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -140,10 +144,9 @@ def setup_run(config: FinetuneConfig, *, pipe=None, reward_model=None, accelerat
         config=config,
         accelerator=accelerator,
         pipe=pipe,
-        unet=accelerator.prepare(unet),
+        denoiser=accelerator.prepare(denoiser),
         sampler=sampler,
-        text_encoder=DDIMLogProbSampler(pipe, num_inference_steps=1, guidance_scale=1.0),
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        objective=objective,
         reward_model=reward_model,
         weight_dtype=weight_dtype,
         output_dir=output_dir,
@@ -151,29 +154,94 @@ def setup_run(config: FinetuneConfig, *, pipe=None, reward_model=None, accelerat
     )
 
 
-def _check_trainable_family(pretrained_model: str) -> None:
-    """Refuse a flow-matching pipeline (SD3.x, FLUX.1) before loading its weights: the trainers' DDPM noise schedule
-    and DDIM sampler would silently take its flow-matching scheduler config for DDIM defaults."""
+def _unet_parts(pipe, config: FinetuneConfig, weight_dtype: torch.dtype):
+    """DDIM with log-probs for sampling; DDPM noising for SFT and DPO, prompts encoded without guidance."""
+    from diffusers import DDPMScheduler
+
+    sampler = DDIMLogProbSampler(
+        pipe,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        eta=1.0 if config.eta is None else config.eta,
+        chunk_size=config.sample_batch_size,
+    )
+    encoder = DDIMLogProbSampler(pipe, num_inference_steps=1, guidance_scale=1.0)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # Guidance-distilled UNets are trained at the guidance they sample with.
+    objective = UNetObjective(encoder, scheduler, config.resolution, weight_dtype, sampler.timestep_cond)
+    return sampler, objective
+
+
+def _flow_parts(pipe, config: FinetuneConfig, weight_dtype: torch.dtype):
+    """The flow SDE with log-probs for sampling (eta: its noise level); rectified-flow noising for SFT and DPO, with
+    the family's unguided call (FLUX.1-dev keeps its distilled guidance input at the sampling scale)."""
+    eta = DEFAULT_NOISE_LEVEL if config.eta is None else config.eta
+    if not 0 <= eta < 1:
+        raise TrainingConfigError(
+            f"--eta is the flow SDE's noise level for flow-matching models, in [0, 1) (Flow-GRPO uses 0.7); got {eta}"
+        )
+    kwargs = {"max_sequence_length": config.max_sequence_length} if config.max_sequence_length else {}
+    sampler = FlowLogProbSampler(
+        pipe,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        eta=eta,
+        chunk_size=config.sample_batch_size,
+        **kwargs,
+    )
+    distilled = getattr(pipe.transformer.config, "guidance_embeds", False)
+    encoder = FlowLogProbSampler(
+        pipe, num_inference_steps=1, guidance_scale=config.guidance_scale if distilled else 1.0, eta=0.0, **kwargs
+    )
+    return sampler, FlowMatchingObjective(encoder, config.resolution, weight_dtype)
+
+
+def _is_flow_pipeline(pipe) -> bool:
+    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+
+
+def _trainable_pipeline_class(pretrained_model: str) -> type:
+    """The class to load a pipeline with, refusing before any weights are read a pipeline the trainers cannot
+    fine-tune (a family without a reward-guided adapter, or FLUX.2 klein and Qwen-Image, whose training is not wired).
+    UNet pipelines load as they were saved; flow ones as their family's reward-guided pipeline, which also loads SD3
+    saved without its T5 encoder."""
     from diffusers import DiffusionPipeline
+
+    from ganrm_diffusers.generation.pipeline import UnsupportedPipelineError, reward_guided_class_for
 
     try:
         index = DiffusionPipeline.load_config(pretrained_model)
     except (OSError, ValueError):
-        return  # from_pretrained names the problem
-    if "transformer" in index:
+        return DiffusionPipeline  # its from_pretrained names the problem
+    try:
+        family = reward_guided_class_for(index)
+    except UnsupportedPipelineError as error:
+        raise TrainingConfigError(str(error)) from error
+    if family.__name__ not in TRAINABLE_FAMILIES:
         raise TrainingConfigError(
-            f"{pretrained_model} is a {index.get('_class_name', 'transformer')} (flow matching): the trainers fine-tune "
-            "SD 1.x/2.x and SDXL UNets; flow-matching fine-tuning is not available yet (best-of-N is: "
-            "load_reward_guided_pipeline)"
+            f"{pretrained_model} is a {index.get('_class_name')}: the trainers fine-tune SD 1.x/2.x, SDXL, SD3.x and "
+            "FLUX.1 (best-of-N serves it: load_reward_guided_pipeline)"
         )
+    return DiffusionPipeline if "unet" in index else family
 
 
 def make_optimizer(run: FinetuneRun, num_training_steps: int):
-    """AdamW over the LoRA and the learning-rate schedule; the schedule is stepped once per optimizer step."""
+    """AdamW (8-bit with --use_8bit_adam) over the LoRA and the learning-rate schedule; the schedule is stepped
+    once per optimizer step."""
     from diffusers.optimization import get_scheduler
 
     config = run.config
-    optimizer = torch.optim.AdamW(
+    optimizer_class = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError as error:
+            raise TrainingConfigError(
+                "--use_8bit_adam needs bitsandbytes, which is not installed here (pip install bitsandbytes; it needs a "
+                "CUDA GPU): train without --use_8bit_adam"
+            ) from error
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    optimizer = optimizer_class(
         run.trainable_parameters(),
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -209,7 +277,7 @@ def resume_if_asked(run: FinetuneRun, optimizer, lr_scheduler, output_dir: Path 
     if differing:
         shown = ", ".join(f"{key}: {recorded[key]!r} there, {getattr(run.config, key)!r} now" for key in differing)
         raise TrainingConfigError(f"{folder} belongs to a run with other settings ({shown})")
-    state = load_checkpoint(run.accelerator, folder, run.unet, optimizer, lr_scheduler)
+    state = load_checkpoint(run.accelerator, folder, run.denoiser, optimizer, lr_scheduler)
     run.metrics.truncate(state["step"])
     run.print(f"resumed from {folder} (step {state['step']})")
     return state
@@ -220,7 +288,7 @@ def checkpoint(run: FinetuneRun, step: int, optimizer, lr_scheduler, state: dict
         run.accelerator,
         output_dir or run.output_dir,
         step,
-        run.unet,
+        run.denoiser,
         optimizer,
         lr_scheduler,
         {**state, "config": asdict(run.config)},
@@ -300,10 +368,13 @@ def finish_run(
         **(summary or {}),
     }
     if run.is_main:
-        diffusers_path, comfyui_path = save_lora(run.unet, run.output_dir, pretrained_model=run.config.pretrained_model)
+        diffusers_path, comfyui_path = save_lora(
+            run.denoiser, run.output_dir, pretrained_model=run.config.pretrained_model
+        )
         summary["lora"] = {"diffusers": str(diffusers_path), "comfyui": str(comfyui_path)}
         records = run.metrics.records()
         summary["final"] = records[-1] if records else {}
+        run.print("peak memory: " + ", ".join(f"{key} {value:.0f}" for key, value in peak_memory().items()))
         write_json_atomic(run.output_dir / SUMMARY_NAME, summary)
         if records:
             from ganrm_diffusers.utils.plots import plot_metric_curves

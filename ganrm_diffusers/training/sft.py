@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ganrm_diffusers.training.config import FinetuneConfig, option, parse_config
 from ganrm_diffusers.training.examples import build_examples, config_prompts
-from ganrm_diffusers.training.loop import Batch, conditioning_kwargs, denoising_target, train_on_examples
+from ganrm_diffusers.training.loop import Batch, train_on_examples
 from ganrm_diffusers.training.run import FinetuneRun, finish_run, setup_run
 
 
@@ -35,11 +35,11 @@ class SFTConfig(FinetuneConfig):
 
 
 def sft_loss(run: FinetuneRun, batch: Batch):
-    """The denoising loss on the chosen images: MSE between the UNet's prediction and its target."""
-    noisy, target = denoising_target(run, batch.winners, batch.noise, batch.timesteps)
-    kwargs = conditioning_kwargs(run, batch.texts)
-    prediction = run.unet(noisy.to(run.weight_dtype), batch.timesteps, **kwargs, return_dict=False)[0]
-    return F.mse_loss(prediction.float(), target.float()), {}
+    """The denoising loss on the chosen images: MSE between the model's prediction and its target (the noise or
+    velocity of a UNet's scheduler; flow matching's velocity)."""
+    noisy, target = run.objective.noisy_and_target(batch.winners, batch.noise, batch.timesteps)
+    prediction = run.objective.predict(run.denoiser, noisy, batch.timesteps, batch.texts)
+    return F.mse_loss(prediction, target.float()), {}
 
 
 CURVES = (("denoising loss", ("loss",)), ("reward of fixed samples", ("eval_reward",)))

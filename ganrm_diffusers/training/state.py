@@ -129,19 +129,19 @@ def set_rng_state(tensors: Mapping[str, torch.Tensor], rest: dict) -> None:
     random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
 
 
-def lora_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable LoRA weights in peft's naming (what `load_lora_weights_into` puts back)."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unwrap_model(unet))
+    state = get_peft_model_state_dict(unwrap_model(model))
     return {key: value.detach().cpu().contiguous() for key, value in state.items()}
 
 
-def load_lora_weights_into(unet: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:
-    """Put saved LoRA weights back into a UNet carrying the same (freshly added) adapter, exactly."""
+def load_lora_weights_into(denoiser: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Put saved LoRA weights back into a denoiser carrying the same (freshly added) adapter, exactly."""
     from peft.utils import set_peft_model_state_dict
 
-    model = unwrap_model(unet)
+    model = unwrap_model(denoiser)
     expected = lora_weights(model)
     if set(expected) != set(weights) or any(expected[k].shape != weights[k].shape for k in expected):
         raise CheckpointError(
@@ -179,7 +179,7 @@ def save_checkpoint(
     accelerator,
     output_dir: str | Path,
     step: int,
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
     state: dict,
@@ -200,7 +200,7 @@ def save_checkpoint(
     safetensors.torch.save_file(rng_tensors, str(staging / f"rng-{rank}.safetensors"))
     _write_json(staging / f"rng-{rank}.json", rng_rest)
     if accelerator.is_main_process:
-        safetensors.torch.save_file(lora_weights(unet), str(staging / "lora.safetensors"))
+        safetensors.torch.save_file(lora_weights(denoiser), str(staging / "lora.safetensors"))
         optimizer_tensors, optimizer_rest = optimizer_state(optimizer)
         safetensors.torch.save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
         _write_json(staging / "optimizer.json", optimizer_rest)
@@ -223,7 +223,7 @@ def save_checkpoint(
 def load_checkpoint(
     accelerator,
     folder: str | Path,
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
 ) -> dict:
@@ -235,7 +235,7 @@ def load_checkpoint(
             f"{folder} was written by {state.get('num_processes')} processes, this run has "
             f"{accelerator.num_processes}: resume with the same number of processes (each keeps its random state)"
         )
-    load_lora_weights_into(unet, _read_tensors(folder / "lora.safetensors"), str(folder))
+    load_lora_weights_into(denoiser, _read_tensors(folder / "lora.safetensors"), str(folder))
     load_optimizer_state(
         optimizer, _read_tensors(folder / "optimizer.safetensors"), _read_json(folder / "optimizer.json")
     )
