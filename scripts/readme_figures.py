@@ -83,8 +83,12 @@ def _with_interval(key: str) -> Callable[[dict], str]:
 
 
 def _style_ratio(row: dict) -> str:
-    value = row.get("style_ratio")
-    return ratio(value) + (interval(row.get("style_ratio_ci95"), _two_decimals) if ratio(value) != DASH else "")
+    value, bounds = row.get("style_ratio"), row.get("style_ratio_ci95")
+    if ratio(value) == DASH:
+        return ratio(value)
+    if isinstance(bounds, list | tuple) and bounds and not interval(bounds, _two_decimals):
+        return ratio(value) + " [undefined]"  # the baseline drew no styled image in some bootstrap resamples
+    return ratio(value) + interval(bounds, _two_decimals)
 
 
 def _two_decimals(value: object) -> str:
@@ -151,11 +155,12 @@ def reward_model_sentence(reward_model: object, world: object) -> str:
         if number(spearman) != DASH
         else ""
     )
-    return (
+    sentence = (
         f"The reward model separates held-out target digits from base samples with AUC {number(reward_model.get('auc'))}"
         f" and target digits from other real digits (the style itself) with AUC "
-        f"{number(reward_model.get('auc_style_among_real'))}{follows}. The world was built in {built}."
+        f"{number(reward_model.get('auc_style_among_real'))}{follows}."
     )
+    return sentence + (f" The world was built in {built}." if world else "")
 
 
 def dimming_sentence(report: dict) -> str:
@@ -207,7 +212,8 @@ def tuned(key: str, value: object) -> str:
 
 LEGEND = (
     "`style_rate` with its 95 % bootstrap interval; `style_ratio`: the row's style_rate over its baseline's, with its "
-    f"95 % interval; `unet_evaluations`: latents through the UNet; {DASH}: not measured for that row."
+    "95 % interval ([undefined] where the baseline drew no styled image in some bootstrap resamples); "
+    f"`unet_evaluations`: latents through the UNet (or transformer); {DASH}: not measured for that row."
 )
 
 

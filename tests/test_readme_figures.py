@@ -168,6 +168,16 @@ def test_one_table_per_family(inputs: dict[str, Path]) -> None:
     assert results.count("| method |") == 2
 
 
+def test_an_undefined_interval_says_so(inputs: dict[str, Path]) -> None:
+    """A ratio whose bootstrap interval is undefined (JSON NaN bounds: the baseline drew no styled image in some
+    resamples) reads as such, never as a bare ratio that looks like it had no interval computed."""
+    report = fake_report()
+    report["methods"]["dpo"] = row(0.105, style_ratio=7.0, style_ratio_ci95=[float("nan"), float("nan")])
+    inputs["report"].write_text(json.dumps(report))
+    run(inputs)
+    assert "| 7.00x [undefined] |" in region(inputs["readme"].read_text(), "results")
+
+
 def test_missing_markers_fail_clearly(inputs: dict[str, Path]) -> None:
     broken = README.replace("<!-- figures:speed:start -->\n", "")
     inputs["readme"].write_text(broken)

@@ -137,6 +137,20 @@ def test_trainer_trains_only_the_lora_and_diffusers_loads_it(assets, tmp_path, m
     assert (loaded - base).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_prdp_starts_on_policy_exactly(assets, tmp_path, model):
+    """PRDP's first inner step: the current log-probs of the epoch's trajectories, in the same batches and precision
+    as the rollout, equal theta_old's bit for bit (policy ratio 1, nothing clipped), and a fresh LoRA equals the
+    reference."""
+    config = configs(assets, model, tmp_path)["prdp"]
+    run = setup_run(config)
+    samples = train_prdp.sample_epoch(run, PROMPTS, epoch=0)
+    assert run.sampler.eta == 0.7 and samples.steps == list(range(FAST["num_inference_steps"]))
+    current = train_prdp.current_log_probs(run, samples)
+    assert torch.equal(current, samples.old_log_probs)
+    assert torch.equal(current, samples.ref_log_probs)  # lora_B starts at zero
+
+
 def test_the_flow_objective_is_rectified_flow(assets, tmp_path):
     """x_sigma = (1 - sigma) x0 + sigma eps, target eps - x0, sigma from the training schedule at a logit-normal
     position (the same per example whatever the batch), the model's timestep sigma * 1000."""
