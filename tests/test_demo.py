@@ -117,6 +117,15 @@ def test_the_flow_family_has_the_selection_rows_under_the_same_contract(demo_out
     assert family["settings"]["tuning"]["pruning"]["chosen"] == TUNED_PRUNING["flow"]
     assert any(goal["goal"].startswith("best-of-8") for goal in family["goals"])
     assert "## Family `sd3_flow`" in (demo_out / "report.md").read_text()
+    # The flow generator fine-tuned by each trainer, judged beside its base, both LoRA files kept.
+    for name in ("sft", "dpo", "prdp"):
+        row = methods[name]
+        assert row["baseline"] == "base" and row["count"] == family["evaluation"]["prompts"], name
+        assert all(math.isfinite(row[key]) for key in ROW_FIELDS), name
+        lora = demo_out / "lora" / "sd3_flow" / name
+        assert (lora / DIFFUSERS_WEIGHT_NAME).is_file() and (lora / COMFYUI_WEIGHT_NAME).is_file(), name
+        keys = safetensors.safe_open(str(lora / DIFFUSERS_WEIGHT_NAME), "pt").keys()
+        assert all(key.startswith("transformer.") for key in keys), name
 
 
 def test_tune_sweeps_the_pruning_schedules_on_the_tuning_seeds(reduced_world, tmp_path):

@@ -40,6 +40,10 @@ def demo_command(args: argparse.Namespace) -> int:
     unknown = set(methods) - set(METHOD_GROUPS)
     if unknown:
         raise SystemExit(f"ganrm demo: unknown method group(s) {sorted(unknown)}; choose from {METHOD_GROUPS}")
+    if "flow_finetune" in methods and "flow" not in methods:
+        raise SystemExit(
+            "ganrm demo: flow_finetune fine-tunes the flow generator with the flow group's reward model: add flow"
+        )
     report = run_demo(
         DemoSettings(out=args.out, world=args.world, seed=args.seed, methods=methods, quick=args.quick, tune=args.tune)
     )

@@ -32,16 +32,24 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 METHODS = ("sft", "dpo", "prdp", "rounds")
 
 
-def demo_configs(world: object, prompts_file: Path, run_root: Path) -> dict:
-    """The world's fine-tuning settings of each method (see the module docstring and the team notes)."""
+def demo_configs(
+    world: object,
+    prompts_file: Path,
+    run_root: Path,
+    pipeline_dir: Path | None = None,
+    sampling: dict | None = None,
+) -> dict:
+    """The world's fine-tuning settings of each method (see the module docstring and the team notes), for the
+    generator at `pipeline_dir` sampled with `sampling` (default: the world's UNet generator and its settings)."""
     from ganrm_diffusers.training.dpo import DPOConfig
     from ganrm_diffusers.training.prdp import PRDPConfig
     from ganrm_diffusers.training.rounds import RoundsConfig
     from ganrm_diffusers.training.sft import SFTConfig
 
-    sampling = world.sampling_kwargs
+    sampling = world.sampling_kwargs if sampling is None else sampling
     shared = {
-        "pretrained_model": str(world.pipeline_dir),
+        "pretrained_model": str(pipeline_dir or world.pipeline_dir),
+        "max_sequence_length": sampling.get("max_sequence_length"),  # the flow generator's T5-less text length
         "prompts": str(prompts_file),
         "num_inference_steps": int(sampling.get("num_inference_steps", 25)),
         "guidance_scale": float(sampling.get("guidance_scale", 2.0)),
@@ -120,18 +128,24 @@ def training_rows(
     batch_size: int = 100,
     overrides: dict[str, dict] | None = None,
     label: str | None = None,
+    flow: bool = False,
+    family: str = "",
 ) -> dict[str, tuple[SampleSet, dict]]:
     """Fine-tune with each method and sample the fine-tuned model on `plan`; returns {method: (samples, info)}.
 
     The training prompts are the world's ten prompts, each `prompt_repeats` times (a prompt index fixes the
     candidates' seeds, so repeats give new candidates). `overrides[method]` replaces config fields (a quick run, a
-    tuning candidate); `label` names the LoRA folder (`<out>/lora/<label>/`, default the method)."""
+    tuning candidate); `label` names the LoRA folder (`<out>/lora/<label>/`, default the method). `flow`: fine-tune
+    the world's flow-matching generator instead of its UNet one, its runs and LoRAs under `family/`
+    (`<out>/lora/<family>/<method>/`)."""
     out_dir = Path(out_dir)
-    run_root = out_dir / "finetune"
+    run_root = out_dir / "finetune" / family
     run_root.mkdir(parents=True, exist_ok=True)
     prompts_file = run_root / "prompts.txt"
     prompts_file.write_text("".join(f"{prompt}\n" for _ in range(prompt_repeats) for prompt in world.prompts))
-    configs = demo_configs(world, prompts_file, run_root)
+    sampling = world.flow_sampling_kwargs if flow else world.sampling_kwargs
+    pipeline_dir = world.flow_pipeline_dir if flow else world.pipeline_dir
+    configs = demo_configs(world, prompts_file, run_root, pipeline_dir, sampling)
     rows = {}
     for method in methods:
         config = replace(configs[method], **(overrides or {}).get(method, {}))
@@ -141,17 +155,17 @@ def training_rows(
         summary, cost = _train(method, config, reward_model)
 
         name = label or method
-        lora_dir = out_dir / "lora" / name
+        lora_dir = out_dir / "lora" / family / name
         lora_dir.mkdir(parents=True, exist_ok=True)
         for weights in (DIFFUSERS_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
             shutil.copy2(Path(config.output_dir) / weights, lora_dir / weights)
-        curves = out_dir / f"{name}_curves.png"
+        curves = out_dir / f"{family}{'_' if family else ''}{name}_curves.png"
         shutil.copy2(Path(config.output_dir) / "curves.png", curves)
 
-        pipe = world.load_pipeline()
+        pipe = world.load_flow_pipeline() if flow else world.load_pipeline()
         pipe.set_progress_bar_config(disable=True)
         load_lora_into_pipeline(pipe, lora_dir)
-        samples = sample_digits(pipe, world, plan, batch_size, f"{name} evaluation")
+        samples = sample_digits(pipe, world, plan, batch_size, f"{family} {name} evaluation".strip(), sampling)
         rows[method] = (
             samples,
             {

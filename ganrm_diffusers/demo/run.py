@@ -38,10 +38,13 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 # generator the run covers. "flow": the selection rows (random pick, best-of-N, pruned; with "fk" also the FK group
 # on the stochastic flow step) on the world's second generator, a flow-matching SD3-shaped model, with its own
 # GAN-RM (report: families.sd3_flow).
-METHOD_GROUPS = ("selection", "fk", "flow", "sft", "dpo", "prdp", "rounds")
+# "flow_finetune": SFT, DPO and PRDP on the flow generator (families.sd3_flow.methods.{sft,dpo,prdp}, LoRAs in
+# <out>/lora/sd3_flow/), at the UNet rows' chosen settings (not tuned for this generator yet); it needs "flow".
+METHOD_GROUPS = ("selection", "fk", "flow", "flow_finetune", "sft", "dpo", "prdp", "rounds")
 # `make demo` (`ganrm demo` without --methods) runs these: all but "fk", whose stochastic runs (five on the UNet,
-# four on the flow generator) cost about 23 more CPU minutes, where make demo must stay within 45 from a fresh clone;
-# `--methods ...,fk` adds them. "flow" is a default: best-of-N on today's model families is what users come for.
+# four on the flow generator) cost about 23 more CPU minutes, and "flow_finetune" (three more trainers), where make
+# demo must stay within 45 from a fresh clone; `--methods ...,fk,flow_finetune` adds them. "flow" is a default:
+# best-of-N on today's model families is what users come for.
 DEFAULT_METHODS = ("selection", "flow", "sft", "dpo", "prdp", "rounds")
 FLOW_FAMILY = "sd3_flow"  # the report key of the flow-matching generator's rows: families.<FLOW_FAMILY>
 FLOW_STOCHASTIC_ETA = 0.7  # the flow SDE's noise level for its FK group (Flow-GRPO's a; it must stay below 1)
@@ -508,8 +511,48 @@ def _flow_family(world: object, settings: DemoSettings) -> dict:
         "settings": {"tuning": {"seed_range": flow_settings.tuning.describe()["seed_range"]}},
     }
     _selection_rows(world, reward_model, rows, family, flow_settings, generator=generator)
+    if "flow_finetune" in settings.methods:
+        _flow_finetune_rows(world, reward_model, rows, family, flow_settings)
     family["goals"] = goals(rows.rows, settings.num_candidates)
     return family
+
+
+def _flow_finetune_rows(
+    world: object, reward_model: GANRewardModel, rows: Rows, family: dict, settings: DemoSettings
+) -> None:
+    """SFT, DPO and PRDP on the flow generator with its own GAN-RM, judged on the family's evaluation set beside
+    its base; each LoRA (diffusers and ComfyUI files) in <out>/lora/<FLOW_FAMILY>/<method>/."""
+    from ganrm_diffusers.demo.finetune_study import training_rows
+
+    methods = ("sft", "dpo", "prdp")
+    overrides = {method: dict(FINETUNE_CANDIDATES[method][TUNED_FINETUNE[method]]) for method in methods}
+    if settings.quick:
+        overrides = {method: {**overrides[method], **QUICK_FINETUNE[method]} for method in methods}
+    family["settings"]["finetune"] = {
+        "overrides": overrides,
+        "note": "the UNet rows' chosen settings; not tuned on this generator's tuning seeds yet",
+    }
+    trained = training_rows(
+        world,
+        reward_model,
+        settings.out,
+        settings.evaluation,
+        methods=methods,
+        prompt_repeats=2 if settings.quick else 20,
+        overrides=overrides,
+        flow=True,
+        family=FLOW_FAMILY,
+    )
+    for method, (samples, info) in trained.items():
+        rows.add(
+            method,
+            samples.images,
+            samples.digits,
+            unet_evaluations=samples.unet_evaluations,
+            seconds=samples.seconds,
+            baseline="base",
+            extra=info,
+        )
 
 
 def _kept(row: dict, full: dict, baseline: dict) -> dict:
