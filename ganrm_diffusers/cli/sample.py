@@ -34,7 +34,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_option(sample, "prompts", required=True, type=Path, help="text file, one prompt per line")
     add_option(sample, "out", required=True, type=Path, help="output folder (resumed if it exists)")
     add_config_arguments(sample, SampleSettings, exclude=("pipeline",))
-    add_option(sample, "pipeline", required=True, help="diffusers SD 1.x/2.x or SDXL pipeline: folder or Hub id")
+    add_option(
+        sample,
+        "pipeline",
+        required=True,
+        help="diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, SD3.x, FLUX.1, FLUX.2 klein, Qwen-Image): folder or Hub id",
+    )
     add_option(sample, "prompts_per_call", type=int, default=1, help="prompts sampled together in one call")
     add_option(sample, "candidate_batch_size", type=int, help="candidates per UNet call (default: all)")
     add_option(sample, "dtype", choices=sorted(DTYPES), help="default: float16 on a GPU, float32 on the CPU")

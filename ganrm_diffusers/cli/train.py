@@ -46,7 +46,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",
         help="fine-tune a LoRA with a GAN-RM reward (sft, dpo, prdp, rounds)",
-        description="Fine-tune a LoRA on a diffusers SD 1.x/2.x or SDXL pipeline with a GAN-RM reward. Each run "
+        description="Fine-tune a LoRA on a diffusers SD 1.x/2.x, SDXL, SD3.x or FLUX.1 pipeline with a GAN-RM reward. Each run "
         "writes pytorch_lora_weights.safetensors (diffusers) and pytorch_lora_weights_comfyui.safetensors (ComfyUI's "
         "LoraLoader), metrics.jsonl/json and curves.png to --output_dir, with checkpoints to continue from "
         "(--resume latest).\n\nMethods (`ganrm train METHOD --help` lists a method's options):\n"

@@ -58,7 +58,10 @@ class SampleSettings:
     )
     seed: int = option(0, "candidate j of prompt i gets seed + i * num_candidates + j")
     # Where the images come from (recorded so that a resumed run cannot mix models; not pipeline arguments).
-    pipeline: str | None = option(None, "diffusers SD 1.x/2.x or SDXL pipeline: folder or Hub id")
+    pipeline: str | None = option(
+        None,
+        "diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, SD3.x, FLUX.1, FLUX.2 klein, Qwen-Image): folder or Hub id",
+    )
     reward_model: str | None = option(None, "reward model folder or Hub id (default: the one saved with the pipeline)")
     lora: str | None = option(None, "a LoRA (file, folder or Hub id) to load into the pipeline first")
 
