@@ -56,6 +56,8 @@ bench: install
 	$(BIN)/python bench/best_of_n.py --family sd3 --out $(BENCH_OUT)/best_of_n_sd3.json
 	$(BIN)/python bench/best_of_n.py --family flux --out $(BENCH_OUT)/best_of_n_flux.json
 	$(BIN)/python bench/train_step.py --out $(BENCH_OUT)/train_step.json
+	$(BIN)/python bench/train_step.py --family sd3 --out $(BENCH_OUT)/train_step_sd3.json
+	$(BIN)/python bench/train_step.py --family flux --out $(BENCH_OUT)/train_step_flux.json
 
 # README's results and speed figures, rewritten from `make demo`'s report and `make bench`'s files (run both first).
 readme: | $(BIN)/python

@@ -113,9 +113,8 @@ def setup_run(config: FinetuneConfig, *, pipe=None, reward_model=None, accelerat
                 f"{config.pretrained_model} has no {name}: the trainers need SD 1.x/2.x, SDXL, SD3.x or FLUX.1"
             )
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(accelerator.device)
-    if weight_dtype != torch.float32:
-        pipe.to(dtype=weight_dtype)
+    # One move: cast while moving, so the device never holds the full-precision weights (48 GB for FLUX.1's 12B).
+    pipe.to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False)
