@@ -295,6 +295,31 @@ def test_a_run_never_mixes_with_another_runs_checkpoints(assets, tmp_path):
         train_sft.train(replace(config, max_train_steps=3))  # a new run into the old run's folder
 
 
+def test_sft_and_dpo_share_cached_candidates(assets, tmp_path, monkeypatch):
+    """With one --candidate_cache, DPO reads the candidates SFT sampled (the same prompts, seeds and base model)
+    and builds the very pairs it builds when sampling them itself; another LoRA state would sample anew."""
+    from ganrm_diffusers.training import examples
+
+    calls = []
+    real = examples._sample_candidates
+    monkeypatch.setattr(examples, "_sample_candidates", lambda *args: calls.append(1) or real(*args))
+    settings = configs(assets, "sd", tmp_path)
+    cache = str(tmp_path / "candidates")
+    sft = replace(settings["sft"], candidate_cache=cache, max_train_steps=1)
+    dpo = replace(settings["dpo"], candidate_cache=cache, max_train_steps=1)
+    train_sft.train(sft)
+    cached_run = setup_run(dpo)
+    cached = examples.build_examples(cached_run, candidates=None, num_candidates=2, top_k=1, pairs=True)
+    assert len(calls) == 1  # SFT sampled, DPO read them back
+    fresh_run = setup_run(replace(dpo, candidate_cache=None, output_dir=str(tmp_path / "fresh")))
+    fresh = examples.build_examples(fresh_run, candidates=None, num_candidates=2, top_k=1, pairs=True)
+    assert len(calls) == 2 and torch.equal(cached.winners, fresh.winners) and torch.equal(cached.losers, fresh.losers)
+    with torch.no_grad():  # a trained LoRA is another model: its candidates are not those
+        next(p for n, p in cached_run.model.named_parameters() if "lora_B" in n).add_(0.1)
+    key = examples.candidates_key(cached_run, PROMPTS, range(len(PROMPTS)), 2, 0)
+    assert key != examples.candidates_key(fresh_run, PROMPTS, range(len(PROMPTS)), 2, 0)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # PRDP's chunked gradient is the loss's exact gradient
 

@@ -59,6 +59,8 @@ def demo_configs(
         "eval_prompts": 10,
         "eval_samples_per_prompt": 4,
         "sample_batch_size": 128,
+        # SFT and DPO rank the same candidates (same prompts, seeds and base model): sampled once, kept here.
+        "candidate_cache": str(run_root / "candidates"),
     }
     return {
         "sft": SFTConfig(

@@ -94,6 +94,9 @@ class FinetuneConfig:
     )
     max_sequence_length: int | None = option(None, "text tokens of SD3 / FLUX's T5 encoder (default: the pipeline's)")
     sample_batch_size: int | None = option(None, "samples per UNet call when sampling (default: all at once)")
+    candidate_cache: str | None = option(
+        None, "a folder where sampled candidates are kept and reused by runs that would sample the same ones"
+    )
     # Evaluation (needs --reward_model)
     eval_every: int = option(0, "measure the mean reward of fixed samples every this many steps (0: start and end)")
     eval_prompts: int = option(8, "how many of the prompts the evaluation samples")

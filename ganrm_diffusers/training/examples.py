@@ -3,6 +3,7 @@ as latents, from fresh samples or from a folder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -16,13 +17,8 @@ from ganrm_diffusers.generation.candidates import SampleSettings, read_prompts_f
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError
 from ganrm_diffusers.training.run import DATA_DIR, FinetuneRun
-from ganrm_diffusers.training.state import (
-    read_tensors,
-)
+from ganrm_diffusers.training.state import lora_weights, read_tensors
 from ganrm_diffusers.utils.atomic import save_tensors_atomic
-
-logger = logging.getLogger(__name__)
-
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +150,34 @@ def examples_from_candidates(
     )
 
 
+def candidates_key(
+    run: FinetuneRun, prompts: Sequence[str], prompt_indices: Sequence[int], num_candidates: int, seed: int
+) -> str:
+    """What decides a set of sampled candidates: the pipeline, the LoRA's current weights, the sampler's settings,
+    the prompts with their indices (which fix the seeds) and the candidate count. Two runs with the same key sample
+    the same images, so `--candidate_cache` lets the second reuse the first's (SFT and DPO on one pool)."""
+    config = run.config
+    digest = hashlib.sha256()
+    for name, value in sorted(lora_weights(run.model).items()):
+        digest.update(name.encode())
+        digest.update(value.float().numpy().tobytes())
+    settings = {
+        "pretrained_model": str(Path(config.pretrained_model).resolve())
+        if Path(config.pretrained_model).exists()
+        else config.pretrained_model,
+        "lora": digest.hexdigest(),
+        "sampler": [type(run.sampler).__name__, config.num_inference_steps, config.guidance_scale, run.sampler.eta],
+        "resolution": config.resolution,
+        "max_sequence_length": config.max_sequence_length,
+        "sample_batch_size": config.sample_batch_size,
+        "dtype": str(run.weight_dtype),
+        "prompts": [[int(index), text] for index, text in zip(prompt_indices, prompts, strict=True)],
+        "num_candidates": num_candidates,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
 @torch.no_grad()
 def sample_candidates(
     run: FinetuneRun, prompts: Sequence[str], prompt_indices: Sequence[int], num_candidates: int, seed: int
@@ -161,7 +185,25 @@ def sample_candidates(
     """`num_candidates` samples of each prompt from the current model with `ganrm sample`'s seeds (prompt number
     `prompt_indices[i]` gets the same candidates whichever process samples it): (final latents, images in [0, 1]),
     prompt-major, on the CPU. Prompts share a sampler call up to `sample_batch_size` samples (default: one prompt
-    per call, so that a prompt's candidates never depend on which prompts it was batched with)."""
+    per call, so that a prompt's candidates never depend on which prompts it was batched with). With
+    `--candidate_cache DIR`, candidates sampled before under the same `candidates_key` are read back instead."""
+    cached = None
+    if run.config.candidate_cache:
+        key = candidates_key(run, prompts, prompt_indices, num_candidates, seed)
+        cached = Path(run.config.candidate_cache) / f"candidates-{key}.safetensors"
+        if cached.is_file():
+            tensors, _ = read_tensors(cached)
+            run.print(f"candidates read from {cached}")
+            return tensors["latents"], tensors["images"]
+    latents, images = _sample_candidates(run, prompts, prompt_indices, num_candidates, seed)
+    if cached is not None:
+        save_tensors_atomic(cached, {"latents": latents, "images": images})
+    return latents, images
+
+
+def _sample_candidates(
+    run: FinetuneRun, prompts: Sequence[str], prompt_indices: Sequence[int], num_candidates: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     per_call = max(1, (run.config.sample_batch_size or num_candidates) // num_candidates)
     pairs = list(zip(prompts, prompt_indices, strict=True))
     latents, images = [], []
