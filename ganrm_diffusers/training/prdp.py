@@ -202,10 +202,14 @@ def prdp_step(run: FinetuneRun, samples: EpochSamples, current: torch.Tensor) ->
     # Skip all-zero pieces but keep at least one: the last backward is the one that synchronises processes.
     active = [piece for piece in pieces if coefficients[piece[1], piece[0]].abs().sum() > 0] or pieces[-1:]
     run.model.train()
+    chunks: dict[int, Trajectory] = {}  # each chunk of rows selected once, not once per step (a copy of T + 1 latents)
     for number, (column, rows) in enumerate(active):
         last = number == len(active) - 1
+        if int(rows[0]) not in chunks:
+            chunks[int(rows[0])] = samples.trajectory.select(rows)
+        chunk = chunks[int(rows[0])]
         with accelerator.no_sync(run.denoiser) if not last else nullcontext(), accelerator.autocast():
-            log_prob = run.sampler.log_prob(samples.trajectory.select(rows), samples.steps[column], run.denoiser)
+            log_prob = run.sampler.log_prob(chunk, samples.steps[column], run.denoiser)
             accelerator.backward((coefficients[rows, column].to(log_prob.device) * log_prob).sum())
     ratio = (current - samples.ref_log_probs).mean(dim=1)
     moved = (current - samples.old_log_probs).abs()
