@@ -181,6 +181,18 @@ class Rows:
         self.rows[name] = {**row, **(extra or {})}
         return self.rows[name]
 
+    def add_samples(self, name: str, samples: SampleSet, baseline: str | None = None, extra: dict | None = None):
+        """`add` for a `SampleSet` (one sample per evaluation prompt), with its model evaluations and seconds."""
+        return self.add(
+            name,
+            samples.images,
+            samples.digits,
+            unet_evaluations=samples.unet_evaluations,
+            seconds=samples.seconds,
+            baseline=baseline,
+            extra=extra,
+        )
+
     def _draw(self, name: str, images: torch.Tensor, digits: np.ndarray, scores: torch.Tensor) -> str:
         """The first `grid_per_digit` prompts of each digit, a digit per line: cell (i, j) shows the same prompt and
         seeds in every row's picture. Captions: reward, and T (thin: has the style) / f (faint) / b (blank)."""
@@ -302,7 +314,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
     targets, _ = world.heldout_target_images()
     rows = Rows(world, reward_model, Reference.of(world.judges, targets), out, settings.grid_per_digit)
-    rows.add("base", base.images, base.digits, unet_evaluations=base.unet_evaluations, seconds=base.seconds)
+    rows.add_samples("base", base)
     info = world.info
     report: dict = {
         "world": {
@@ -492,7 +504,7 @@ def _flow_family(world: object, settings: DemoSettings) -> dict:
     rows = Rows(
         world, reward_model, Reference.of(world.judges, targets), out, settings.grid_per_digit, f"{FLOW_FAMILY}/"
     )
-    rows.add("base", base.images, base.digits, unet_evaluations=base.unet_evaluations, seconds=base.seconds)
+    rows.add_samples("base", base)
     family = {
         "generator": {
             "path": str(world.flow_pipeline_dir),
@@ -544,15 +556,7 @@ def _flow_finetune_rows(
         family=FLOW_FAMILY,
     )
     for method, (samples, info) in trained.items():
-        rows.add(
-            method,
-            samples.images,
-            samples.digits,
-            unet_evaluations=samples.unet_evaluations,
-            seconds=samples.seconds,
-            baseline="base",
-            extra=info,
-        )
+        rows.add_samples(method, samples, baseline="base", extra=info)
 
 
 def _kept(row: dict, full: dict, baseline: dict) -> dict:
@@ -596,15 +600,7 @@ def _finetune_rows(
     for method, (samples, info) in trained.items():
         if method == "rounds":
             report["rounds"] = _round_by_round(world, rows, settings, info)
-        rows.add(
-            method,
-            samples.images,
-            samples.digits,
-            unet_evaluations=samples.unet_evaluations,
-            seconds=samples.seconds,
-            baseline="base",
-            extra=info,
-        )
+        rows.add_samples(method, samples, baseline="base", extra=info)
         write_report(report, settings.out)
 
 
