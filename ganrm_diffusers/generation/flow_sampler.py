@@ -19,7 +19,7 @@ from ganrm_diffusers.generation.flow_sampling import flow_step_std, flow_step_wi
 from ganrm_diffusers.generation.lora import adapters_disabled
 from ganrm_diffusers.generation.pipeline import reward_guided_class_for
 from ganrm_diffusers.generation.pipeline_flow import FlowFamilyMixin
-from ganrm_diffusers.generation.sampling import Conditioning, Trajectory, encode_images
+from ganrm_diffusers.generation.sampling import Conditioning, Trajectory, encode_images, seeds_per_prompt
 
 DEFAULT_NOISE_LEVEL = 0.7  # Flow-GRPO's a; the SDE's noise level must stay below 1
 
@@ -149,11 +149,7 @@ class FlowLogProbSampler:
     ) -> Trajectory:
         """Sample len(seeds) trajectories, len(seeds) / len(prompts) per prompt, prompt-major; seeds[i] seeds sample i."""
         prompts, seeds = list(prompts), [int(seed) for seed in seeds]
-        if not prompts or len(seeds) % len(prompts):
-            raise ValueError(
-                f"need a whole number of seeds per prompt, got {len(seeds)} seeds for {len(prompts)} prompts"
-            )
-        per_prompt = len(seeds) // len(prompts)
+        per_prompt = seeds_per_prompt(prompts, seeds)
         height, width = self._image_size(height, width)
         self._set_timesteps(height, width)
         conditioning = self.encode_prompts(prompts, per_prompt, negative_prompt, height, width)
@@ -167,16 +163,9 @@ class FlowLogProbSampler:
             latents, log_prob = flow_step_with_log_prob(sigmas, velocity, index, latents, self.eta, None, generators)
             trajectory.append(latents)
             log_probs.append(log_prob)
-        chunk = self.chunk_size or len(seeds)
-        return Trajectory(
-            latents=torch.stack(trajectory, dim=1),
-            log_probs=torch.stack(log_probs, dim=1),
-            timesteps=self.scheduler.timesteps.clone(),
-            conditioning=conditioning,
-            images=self.adapter._decode(latents, chunk) if decode else None,
-            prompts=[prompt for prompt in prompts for _ in range(per_prompt)],
-            prompt_ids=torch.arange(len(prompts)).repeat_interleave(per_prompt),
-            seeds=seeds,
+        images = self.adapter._decode(latents, self.chunk_size or len(seeds)) if decode else None
+        return Trajectory.recorded(
+            trajectory, log_probs, self.scheduler.timesteps, conditioning, images, prompts, seeds
         )
 
     def log_prob(self, trajectory: Trajectory, step: int, model: torch.nn.Module | None = None) -> torch.Tensor:

@@ -92,6 +92,31 @@ class Trajectory:
     prompt_ids: torch.Tensor
     seeds: list[int]
 
+    @classmethod
+    def recorded(
+        cls,
+        latents: list[torch.Tensor],
+        log_probs: list[torch.Tensor],
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+        images: torch.Tensor | None,
+        prompts: list[str],
+        seeds: list[int],
+    ) -> Trajectory:
+        """The trajectory a sampler recorded step by step: `latents` x_T .. x_0 and a log-probability per step, of
+        len(seeds) samples of `prompts`, prompt-major (`seeds_per_prompt` each)."""
+        per_prompt = seeds_per_prompt(prompts, seeds)
+        return cls(
+            latents=torch.stack(latents, dim=1),
+            log_probs=torch.stack(log_probs, dim=1),
+            timesteps=timesteps.clone(),
+            conditioning=conditioning,
+            images=images,
+            prompts=[prompt for prompt in prompts for _ in range(per_prompt)],
+            prompt_ids=torch.arange(len(prompts)).repeat_interleave(per_prompt),
+            seeds=seeds,
+        )
+
     def select(self, index) -> Trajectory:
         """The samples at `index` (a list or tensor of sample indices, or a slice)."""
         positions = range(len(self.seeds))[index] if isinstance(index, slice) else [int(i) for i in index]
@@ -105,6 +130,13 @@ class Trajectory:
             prompt_ids=self.prompt_ids[index],
             seeds=[self.seeds[i] for i in positions],
         )
+
+
+def seeds_per_prompt(prompts: Sequence[str], seeds: Sequence[int]) -> int:
+    """How many of `seeds` each prompt gets (prompt-major): a ValueError unless it is a whole number."""
+    if not prompts or len(seeds) % len(prompts):
+        raise ValueError(f"need a whole number of seeds per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+    return len(seeds) // len(prompts)
 
 
 def _take(tensor: torch.Tensor | None, index) -> torch.Tensor | None:
@@ -383,11 +415,7 @@ class DDIMLogProbSampler:
         `generator=[torch.Generator(generator_device).manual_seed(s) for s in seeds]` and a DDIM scheduler.
         """
         prompts, seeds = list(prompts), [int(seed) for seed in seeds]
-        if not prompts or len(seeds) % len(prompts):
-            raise ValueError(
-                f"need a whole number of seeds per prompt, got {len(seeds)} seeds for {len(prompts)} prompts"
-            )
-        per_prompt = len(seeds) // len(prompts)
+        per_prompt = seeds_per_prompt(prompts, seeds)
         pipe, unet = self.pipe, unet or self.pipe.unet
         height, width = self._image_size(height, width)
         conditioning = self.encode_prompts(prompts, per_prompt, negative_prompt, height, width)
@@ -409,15 +437,9 @@ class DDIMLogProbSampler:
             )
             trajectory.append(latents)
             log_probs.append(log_prob)
-        return Trajectory(
-            latents=torch.stack(trajectory, dim=1),
-            log_probs=torch.stack(log_probs, dim=1),
-            timesteps=self.scheduler.timesteps.clone(),
-            conditioning=conditioning,
-            images=decode_latents(pipe, latents, self.chunk_size) if decode else None,
-            prompts=[prompt for prompt in prompts for _ in range(per_prompt)],
-            prompt_ids=torch.arange(len(prompts)).repeat_interleave(per_prompt),
-            seeds=seeds,
+        images = decode_latents(pipe, latents, self.chunk_size) if decode else None
+        return Trajectory.recorded(
+            trajectory, log_probs, self.scheduler.timesteps, conditioning, images, prompts, seeds
         )
 
     def log_prob(self, trajectory: Trajectory, step: int, unet: torch.nn.Module | None = None) -> torch.Tensor:
