@@ -380,7 +380,7 @@ def add_flow_lora(transformer: torch.nn.Module, gradient_checkpointing: bool) ->
     """Our LoRA (rank, alpha, our flow targets) on the transformer, trained weights in float32; returns them."""
     from peft import LoraConfig
 
-    from ganrm_diffusers.training.config import FLOW_TARGET_MODULES
+    from ganrm_diffusers.generation.lora import FLOW_TARGET_MODULES
 
     transformer.add_adapter(
         LoraConfig(
@@ -829,7 +829,7 @@ def trainer_options(args: argparse.Namespace) -> dict:
     targets (the reference's too), the guidance, the T5 prompt length and gradient checkpointing of both sides."""
     if args.family == "sd":
         return {"lora_targets": ",".join(LORA_TARGETS)}
-    from ganrm_diffusers.training.config import FLOW_TARGET_MODULES
+    from ganrm_diffusers.generation.lora import FLOW_TARGET_MODULES
 
     options = {
         "lora_targets": ",".join(FLOW_TARGET_MODULES),

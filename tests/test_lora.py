@@ -14,7 +14,7 @@ import pytest
 import torch
 from checks import assert_relative_close, relative_error, require_or_skip
 from comfyui_support import find_comfyui_tree
-from tiny_models import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
+from tiny_models import tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline, train_pretend
 
 from ganrm_diffusers.generation.lora import (
     BASE_MODEL_METADATA_KEY,
@@ -30,15 +30,6 @@ from ganrm_diffusers.generation.lora import (
 from ganrm_diffusers.utils.errors import CheckpointError, LoraCompatibilityError
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a file that loses alpha loads at the wrong strength and fails the tests
-
-
-def train_pretend(unet: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
-    """Move every lora_B away from peft's zero start, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
 
 
 def unet_output(unet: torch.nn.Module) -> torch.Tensor:

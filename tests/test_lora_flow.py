@@ -12,12 +12,13 @@ import torch
 from checks import assert_relative_close
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict
-from tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_unet
+from tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_unet, train_pretend
 
 from ganrm_diffusers.generation.lora import (
     BASE_MODEL_METADATA_KEY,
     COMFYUI_WEIGHT_NAME,
     DIFFUSERS_WEIGHT_NAME,
+    FLOW_TARGET_MODULES,
     adapters_disabled,
     add_lora,
     check_lora_compatible,
@@ -29,33 +30,12 @@ from ganrm_diffusers.utils.errors import LoraCompatibilityError
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a file that loses alpha loads at half or double strength and fails the tests
 # Every projection of the blocks that ComfyUI maps (attention q/k/v of both streams, outputs, MLPs, FLUX's
-# single-block MLP and output): more than trainers usually target, so that every key spelling is exercised.
-JOINT_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-)
+# single-block MLP and output): more than trainers target (they leave out proj_out), so that every key spelling is
+# exercised.
+JOINT_TARGETS = tuple(name for name in FLOW_TARGET_MODULES if name != "proj_mlp")  # SD3 has no single blocks
 TARGETS = {"sd3": JOINT_TARGETS, "flux": (*JOINT_TARGETS, "proj_mlp", "proj_out")}
 BUILDS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
 _LORA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha)$")
-
-
-def train_pretend(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
-    """Move every lora_B away from peft's zero start, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
 
 
 def transformer_output(transformer: torch.nn.Module) -> torch.Tensor:

@@ -495,3 +495,12 @@ def tiny_qwenimage_pipeline(seed: int = 0) -> QwenImagePipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def train_pretend(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every lora_B of a model carrying a fresh LoRA away from peft's zero start, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))

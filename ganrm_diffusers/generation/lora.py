@@ -45,6 +45,23 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+# LoRA targets of flow-matching transformers (SD3.x, FLUX.1): the attention projections of both streams and the
+# MLPs (not the final `proj_out`, which the name would also catch).
+FLOW_TARGET_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+)
 DIFFUSERS_WEIGHT_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors"
 COMFYUI_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"
 BASE_MODEL_METADATA_KEY = "ganrm_base_model"

@@ -8,30 +8,11 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ganrm_diffusers.generation.lora import DEFAULT_TARGET_MODULES
+from ganrm_diffusers.generation.lora import DEFAULT_TARGET_MODULES, FLOW_TARGET_MODULES
 from ganrm_diffusers.utils.errors import GanrmError
 from ganrm_diffusers.utils.options import OptionParser, add_config_arguments, config_from_args, option
 
 logger = logging.getLogger(__name__)
-
-
-# LoRA targets of flow-matching transformers (SD3.x, FLUX.1): the attention projections of both streams and the
-# MLPs (not the final `proj_out`, which the name would also catch).
-FLOW_TARGET_MODULES = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-)
 
 
 class TrainingConfigError(GanrmError, ValueError):

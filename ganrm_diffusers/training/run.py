@@ -20,9 +20,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ganrm_diffusers.generation.flow_sampler import DEFAULT_NOISE_LEVEL, FlowLogProbSampler
-from ganrm_diffusers.generation.lora import DEFAULT_TARGET_MODULES, add_lora, save_lora, unwrap_model
+from ganrm_diffusers.generation.lora import (
+    DEFAULT_TARGET_MODULES,
+    FLOW_TARGET_MODULES,
+    add_lora,
+    save_lora,
+    unwrap_model,
+)
 from ganrm_diffusers.generation.sampling import DDIMLogProbSampler
-from ganrm_diffusers.training.config import FLOW_TARGET_MODULES, FinetuneConfig, TrainingConfigError
+from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError
 from ganrm_diffusers.training.objectives import DenoisingObjective, FlowMatchingObjective, UNetObjective
 from ganrm_diffusers.training.state import (
     list_checkpoints,
