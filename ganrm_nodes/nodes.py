@@ -23,10 +23,31 @@ from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.reward.training import RewardTrainingConfig, fit_reward_model, save_training_outputs
 from ganrm_diffusers.utils.errors import GanrmError, ImageInputError
 from ganrm_diffusers.utils.plots import score_grid
-from ganrm_nodes import models
+from ganrm_nodes import models, sampling
 
 CATEGORY = "ganrm"
 RewardModel = io.Custom("GANRM_REWARD_MODEL")
+
+
+def _declared_problem(node: type[io.ComfyNode], values: dict) -> str | None:
+    """ComfyUI 0.3.75 skips its own min/max and choice checks for every input a validate_inputs takes (and never
+    checks V3 combos): the same checks, for those inputs. A value of the wrong type is left to ComfyUI's own
+    conversion error; a missing one (None) to its missing-input error."""
+    for spec in node.define_schema().inputs:
+        value = values.get(spec.id)
+        if value is None:
+            continue
+        options = getattr(spec, "options", None)
+        if options is not None and value not in options:
+            return f"{spec.id}: {value!r} is not one of {list(options)}"
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        minimum, maximum = getattr(spec, "min", None), getattr(spec, "max", None)
+        if minimum is not None and value < minimum:
+            return f"{spec.id}: {value} is smaller than the minimum {minimum}"
+        if maximum is not None and value > maximum:
+            return f"{spec.id}: {value} is bigger than the maximum {maximum}"
+    return None
 
 
 def _prompts_for_batch(text: str, count: int, group_size: int) -> list[str] | None:
@@ -79,9 +100,11 @@ class LoadRewardModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str) -> bool | str:
+    def validate_inputs(cls, model_name: str | None = None) -> bool | str:
         # ComfyUI 0.3.75 does not check V3 combo values itself; a missing model should stop the prompt before
-        # any sampling starts, as a node error.
+        # any sampling starts, as a node error. A missing input is ComfyUI's own error (None here).
+        if model_name is None:
+            return True
         if model_name in models.available_models():
             return True
         return f"reward model {model_name!r} is not in the reward_models folders nor in the Hugging Face cache"
@@ -245,6 +268,189 @@ def _select_latent(latent: dict, indices: torch.Tensor, count: int) -> dict:
     return selected
 
 
+PRUNING_MODES = ["default", "off", "custom", "fk"]
+
+
+class BestOfNSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="GANRMBestOfNSampler",
+            display_name="GAN-RM Best-of-N Sampler",
+            category=CATEGORY,
+            description=(
+                "KSampler that samples num_candidates candidates of each latent as one batch, scores their x0 "
+                "predictions with a GAN-RM reward model at the pruning checkpoints, finishes only the best and "
+                "returns the top_k. Pruning default: keep 1/4 after 30 % of the steps (8 -> 2 costs 0.475x the model "
+                "evaluations of full best-of-N). A survivor is exactly the candidate the unpruned run gives, with "
+                "every sampler whose step reads only its own row: the deterministic ones (euler, heun, dpmpp_2m, "
+                "uni_pc, ddim...) and also the ancestral and SDE ones, whose noise is drawn for the whole batch "
+                "as in the unpruned run (up to the model's own batch-size rounding on some GPUs). dpm_fast and "
+                "dpm_adaptive choose their own steps and cannot be pruned. FK resampling (pruning = fk) needs a "
+                "sampler that adds noise (ancestral, SDE, ddpm, lcm): its images come from copied particles and do "
+                "not regenerate from a seed. Candidate r of the repeated batch regenerates alone with KSampler "
+                "from RepeatLatentBatch(num_candidates) -> LatentFromBatch(batch_index=r); the LATENT output "
+                "carries those batch indices."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input(
+                    "latent_image",
+                    tooltip="One group of candidates per latent of the batch (with a CONDITIONING batch of the "
+                    "same size, one prompt each).",
+                ),
+                io.Vae.Input("vae", tooltip="Decodes the candidates' x0 predictions for the reward model."),
+                RewardModel.Input("reward_model"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Int.Input("num_candidates", default=8, min=1, max=4096, tooltip="Candidates per latent."),
+                io.Int.Input("top_k", default=1, min=1, max=4096, tooltip="Candidates returned per latent."),
+                io.Combo.Input(
+                    "pruning",
+                    options=PRUNING_MODES,
+                    default="default",
+                    tooltip="default: keep 1/4 at 30 % of the steps; off: full best-of-N; custom: the checkpoints "
+                    "and keep counts below; fk: Feynman-Kac resampling at the checkpoints below.",
+                ),
+                io.String.Input(
+                    "checkpoints",
+                    default="0.3",
+                    tooltip="custom / fk: fractions of the steps after which candidates are scored, e.g. 0.2, 0.5",
+                ),
+                io.String.Input(
+                    "keep",
+                    default="2",
+                    tooltip="custom / fk: candidates per latent kept after each checkpoint, e.g. 4, 2 "
+                    "(fk: empty keeps the population).",
+                ),
+                io.Float.Input("fk_lambda", default=1.0, min=0.01, max=100.0, step=0.01),
+                io.Combo.Input("fk_potential", options=["max", "difference", "immediate"], default="max"),
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="For prompt-aware reward models: the prompt, or one line per latent.",
+                ),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent"),
+                io.Image.Output(display_name="images"),
+                io.Float.Output(display_name="scores", is_output_list=True),
+                io.String.Output(display_name="summary"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(
+        cls,
+        steps: int | None = None,
+        sampler_name: str | None = None,
+        scheduler: str | None = None,
+        num_candidates: int | None = None,
+        top_k: int | None = None,
+        pruning: str | None = None,
+        checkpoints: str | None = None,
+        keep: str | None = None,
+        fk_lambda: float | None = None,
+        fk_potential: str | None = None,
+    ) -> bool | str:
+        values = {key: value for key, value in locals().items() if key != "cls"}
+        problem = _declared_problem(cls, values)
+        if problem is not None:
+            return problem
+        if any(value is None for value in values.values()):
+            return True  # linked or missing: checked when the node runs, or reported by ComfyUI
+        try:
+            schedule = sampling.parse_schedule(
+                pruning, checkpoints, keep, num_candidates, top_k, fk_lambda, fk_potential
+            )
+            sampling.check_schedule_fits(schedule, sampler_name, steps, num_candidates, top_k)
+        except GanrmError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        model: object,
+        positive: list,
+        negative: list,
+        latent_image: dict,
+        vae: object,
+        reward_model: models.RewardModelHandle,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        denoise: float,
+        num_candidates: int,
+        top_k: int,
+        pruning: str,
+        checkpoints: str,
+        keep: str,
+        fk_lambda: float,
+        fk_potential: str,
+        prompt: str = "",
+    ) -> io.NodeOutput:
+        schedule = sampling.parse_schedule(pruning, checkpoints, keep, num_candidates, top_k, fk_lambda, fk_potential)
+        batch = sampling.candidate_batch(model, latent_image, num_candidates, seed)
+        prompts = sampling.group_prompts(prompt, batch.groups)
+
+        def score(images: torch.Tensor, groups: list[int]) -> torch.Tensor:
+            return reward_model.score(images, [prompts[group] for group in groups] if prompts else None)
+
+        settings = sampling.SamplingSettings(seed, steps, cfg, sampler_name, scheduler, denoise)
+        result = sampling.CandidateSampler(model, vae, score, positive, negative, settings, top_k, schedule).run(batch)
+
+        latent = {key: value for key, value in latent_image.items() if key not in ("samples", "batch_index")}
+        latent["samples"] = result.samples
+        latent["batch_index"] = result.batch_index
+        if isinstance(batch.noise_mask, torch.Tensor) and batch.noise_mask.shape[0] == batch.rows:
+            latent["noise_mask"] = batch.noise_mask[result.rows]
+        summary = (
+            f"{batch.groups} latent(s) x {num_candidates} candidates, {sampler_name}/{scheduler} {steps} steps, "
+            f"pruning {pruning}: {result.evaluated_rows} rows through the model, "
+            f"{result.evaluated_rows / result.full_rows:.3f}x full best-of-N ({result.full_rows})\n"
+            + "\n".join(
+                f"kept row {row}: score {value:+.4f}"
+                for row, value in zip(result.rows.tolist(), result.scores.tolist(), strict=True)
+            )
+        )
+        return io.NodeOutput(
+            latent, result.images, result.scores.tolist(), summary, ui=_candidate_preview(cls, batch, result)
+        )
+
+
+def _candidate_preview(node: type[io.ComfyNode], batch: sampling.CandidateBatch, result: sampling.CandidateResult):
+    """Every candidate (latent by latent) as last seen: finished ones with their final score and rank, pruned ones
+    as their x0 prediction at the checkpoint that dropped them."""
+    kept = {row: rank for rank, row in enumerate(result.rows.tolist())}
+    order = [row for group in range(batch.groups) for row in range(group, batch.rows, batch.groups)]
+    order = [row for row in order if row in result.last_images]
+    captions = []
+    for row in order:
+        caption = f"{result.last_scores[row]:+.3f}"
+        if row in kept:
+            caption += f" kept#{kept[row] % max(1, len(kept) // batch.groups) + 1}"
+        elif row in result.pruned_at:
+            caption += f" cut@{result.pruned_at[row]}"
+        captions.append(caption)
+    pictures = torch.stack([result.last_images[row] for row in order]).movedim(-1, 1)
+    columns = min(max(1, len(order) // batch.groups), 8)
+    return ui.PreviewImage(_image_tensor(score_grid(pictures, captions=captions, columns=columns)), cls=node)
+
+
 class TrainRewardModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -343,7 +549,7 @@ def _positive_source(positives: torch.Tensor | None, folder: str) -> object:
 class GanrmExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadRewardModel, ScoreImages, BestOfN, TrainRewardModel]
+        return [LoadRewardModel, ScoreImages, BestOfN, BestOfNSampler, TrainRewardModel]
 
 
 async def comfy_entrypoint() -> GanrmExtension:

@@ -32,6 +32,8 @@ from typing import Any
 COMFYUI_VERSION = "0.3.75"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "ganrm"  # the folder name users clone the repository into, under custom_nodes/
+TEST_PACK_NAME = "ganrm_test_models"  # tiny random models built with ComfyUI's own classes (tests only)
+TEST_PACK = REPO_ROOT / "tests" / "comfyui_test_pack"
 TEST_MODELS_DIR = Path(os.environ.get("GANRM_TEST_MODELS", Path.home() / ".cache" / "ganrm" / "test-models"))
 # Files of the installed tree a test copy must not carry: the yaml points at a folder that does not exist and
 # makes main.py crash while listing custom nodes; the tests and the shipped custom nodes are not ComfyUI itself.

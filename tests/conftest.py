@@ -190,12 +190,17 @@ def comfyui_reward_models(tmp_path_factory: pytest.TempPathFactory, tiny_backbon
 
 
 def prepare_comfyui_tree(source: Path, destination: Path, reward_models: dict[str, Path]) -> Path:
-    """A private ComfyUI tree with the ganrm pack under custom_nodes/ and the given reward models installed."""
+    """A private ComfyUI tree with the ganrm pack (and the tests' tiny-model pack) under custom_nodes/ and the given
+    reward models installed."""
     import shutil
 
     import comfyui_support
 
-    tree = comfyui_support.prepare_tree(source, destination, {comfyui_support.PACK_NAME: comfyui_support.REPO_ROOT})
+    packs = {
+        comfyui_support.PACK_NAME: comfyui_support.REPO_ROOT,
+        comfyui_support.TEST_PACK_NAME: comfyui_support.TEST_PACK,
+    }
+    tree = comfyui_support.prepare_tree(source, destination, packs)
     for name, folder in reward_models.items():
         shutil.copytree(folder, tree / "models" / "reward_models" / name)
     return tree
@@ -211,6 +216,7 @@ def comfyui(tmp_path_factory: pytest.TempPathFactory, comfyui_source: Path, comf
     )
     instance = comfyui_support.InProcessComfyUI(tree).start()
     instance.pack_loaded = instance.load_pack(tree / "custom_nodes" / comfyui_support.PACK_NAME)
+    instance.test_pack_loaded = instance.load_pack(tree / "custom_nodes" / comfyui_support.TEST_PACK_NAME)
     return instance
 
 
