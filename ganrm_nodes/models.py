@@ -21,6 +21,73 @@ from ganrm_diffusers.utils.errors import CheckpointError, GanrmError
 
 FOLDER_NAME = "reward_models"
 HUB_PREFIX = "hub:"  # combo entries naming a Hub id from the local cache, e.g. "hub:you/ganrm-my-style"
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a backbone config folder
+# The server owner's opt-in to paths outside ComfyUI's own folders (a server nobody else can reach).
+ALLOW_ANY_PATH_ENV = "GANRM_COMFYUI_ALLOW_ANY_PATH"
+
+
+class PathNotAllowedError(GanrmError, PermissionError):
+    """A node input names a path outside the folders the server lets prompts read."""
+
+
+def any_path_allowed() -> bool:
+    return os.environ.get(ALLOW_ANY_PATH_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    resolved = path.resolve()  # symlinks and ".." cannot lead out
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def _refuse(what: str, text: str, where: str) -> PathNotAllowedError:
+    return PathNotAllowedError(
+        f"{what} {text!r} is outside {where}: a prompt may only read ComfyUI's own folders. Put it there, or, "
+        f"on a server nobody else can reach, its owner may set {ALLOW_ANY_PATH_ENV}=1"
+    )
+
+
+def target_folder(text: str) -> Path:
+    """A folder of target images: relative to ComfyUI's input directory, and (absolute or not) inside it."""
+    input_dir = Path(folder_paths.get_input_directory())
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else input_dir / path
+    if not any_path_allowed() and not _inside(path, [input_dir]):
+        raise _refuse("positives_folder", text, f"ComfyUI's input folder ({input_dir})")
+    return path
+
+
+def _model_roots() -> list[Path]:
+    roots = {Path(folder_paths.models_dir)}
+    for paths, _extensions in folder_paths.folder_names_and_paths.values():
+        roots.update(Path(path) for path in paths)
+    return sorted(roots)
+
+
+def _model_file(text: str, what: str) -> str:
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else Path(folder_paths.models_dir) / path
+    if not any_path_allowed() and not _inside(path, _model_roots()):
+        raise _refuse(what, text, f"ComfyUI's model folders ({folder_paths.models_dir} and the extra model paths)")
+    return str(path)
+
+
+def backbone_arguments(backbone: str, pretrained: str) -> tuple[str, str | None]:
+    """The training node's backbone and weights, read only from ComfyUI's model folders: `local-dir:<folder>`
+    and weights files relative to ComfyUI/models (or absolute inside a model folder). open_clip names, hf-hub ids
+    and pretrained tags are not paths and pass unchanged."""
+    backbone, pretrained = backbone.strip(), pretrained.strip()
+    if backbone.startswith(LOCAL_DIR):
+        backbone = LOCAL_DIR + _model_file(backbone[len(LOCAL_DIR) :], "backbone folder")
+    if _names_a_file(pretrained):
+        pretrained = _model_file(pretrained, "pretrained weights file")
+    return backbone, pretrained or None
+
+
+def _names_a_file(pretrained: str) -> bool:
+    return "/" in pretrained or os.sep in pretrained or Path(pretrained).suffix.lower() in WEIGHT_SUFFIXES
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def register_model_folder() -> None:

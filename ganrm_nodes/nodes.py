@@ -6,11 +6,8 @@ only translate between ComfyUI values (IMAGE [B, H, W, C] in 0..1, LATENT dicts,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import comfy.model_management as model_management
 import comfy.utils
-import folder_paths
 import numpy as np
 import torch
 from comfy_api.latest import ComfyExtension, io, ui
@@ -467,15 +464,19 @@ class TrainRewardModel(io.ComfyNode):
                 io.String.Input(
                     "positives_folder",
                     default="",
-                    tooltip="Folder of target images: absolute, or relative to ComfyUI's input folder.",
+                    tooltip="Folder of target images inside ComfyUI's input folder (relative to it).",
                 ),
                 io.Image.Input("positives", optional=True, tooltip="Target images as a batch (instead of a folder)."),
-                io.String.Input("backbone", default="ViT-H-14", tooltip="open_clip model name (or local-dir:<path>)."),
+                io.String.Input(
+                    "backbone",
+                    default="ViT-H-14",
+                    tooltip="open_clip model name, hf-hub:<id>, or local-dir:<folder under ComfyUI/models>.",
+                ),
                 io.String.Input(
                     "pretrained",
                     default="laion2b_s32b_b79k",
-                    tooltip="open_clip pretrained tag or weights file; 'none' for random weights. A tag's weights "
-                    "are downloaded by open_clip on first use (never with HF_HUB_OFFLINE=1).",
+                    tooltip="open_clip pretrained tag, or a .safetensors file under ComfyUI/models; 'none' for random "
+                    "weights. A tag's weights are downloaded by open_clip on first use (never with HF_HUB_OFFLINE=1).",
                 ),
                 io.Int.Input("max_epochs", default=RewardTrainingConfig.max_epochs, min=1, max=100000),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
@@ -502,12 +503,13 @@ class TrainRewardModel(io.ComfyNode):
         destination = models.save_folder(name.strip())
         if destination.exists() and not overwrite:
             raise GanrmError(f"reward model {destination} already exists: choose another name or set overwrite")
+        backbone, weights = models.backbone_arguments(backbone, pretrained)
         positive_source = _positive_source(positives, positives_folder)
         _check_images(negatives)
         progress = comfy.utils.ProgressBar(max_epochs)
         # ComfyUI runs nodes under torch.inference_mode; training the head needs autograd.
         with torch.inference_mode(False), torch.enable_grad():
-            model = GANRewardModel(backbone=backbone.strip(), pretrained=pretrained.strip() or None)
+            model = GANRewardModel(backbone=backbone, pretrained=weights)
             # The frozen encoder embeds every image once: on ComfyUI's device, after making room for it there.
             device = model_management.get_torch_device()
             model_management.free_memory(2 * model_management.module_size(model), device)
@@ -542,8 +544,7 @@ def _positive_source(positives: torch.Tensor | None, folder: str) -> object:
         return positives.movedim(-1, 1).clone()
     if not folder:
         raise GanrmError("no target images: set positives_folder or connect a positives IMAGE batch")
-    path = Path(folder).expanduser()
-    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+    return models.target_folder(folder)
 
 
 class GanrmExtension(ComfyExtension):

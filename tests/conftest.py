@@ -189,6 +189,9 @@ def comfyui_reward_models(tmp_path_factory: pytest.TempPathFactory, tiny_backbon
     return folders
 
 
+COMFYUI_BACKBONE = "local-dir:reward_backbones/tiny-clip"  # a tiny CLIP inside each test tree's models folder
+
+
 def prepare_comfyui_tree(source: Path, destination: Path, reward_models: dict[str, Path]) -> Path:
     """A private ComfyUI tree with the ganrm pack (and the tests' tiny-model pack) under custom_nodes/ and the given
     reward models installed."""
@@ -203,6 +206,8 @@ def prepare_comfyui_tree(source: Path, destination: Path, reward_models: dict[st
     tree = comfyui_support.prepare_tree(source, destination, packs)
     for name, folder in reward_models.items():
         shutil.copytree(folder, tree / "models" / "reward_models" / name)
+    # The training node reads backbones only from ComfyUI's model folders (COMFYUI_BACKBONE names this one).
+    write_tiny_clip(tree / "models" / "reward_backbones" / "tiny-clip")
     return tree
 
 

@@ -14,7 +14,7 @@ import comfyui_support
 import pytest
 import torch
 from checks import assert_relative_close
-from conftest import make_property_images, write_images
+from conftest import COMFYUI_BACKBONE, make_property_images, write_images
 
 pytestmark = pytest.mark.comfyui
 # Scores the nodes compute against the library's scores of the same images: another path (ComfyUI's model
@@ -362,7 +362,7 @@ def train_graph(tiny_clip_dir: Path, name: str, folder: str, **inputs) -> dict:
         "negatives": ["2", 0],
         "name": name,
         "positives_folder": folder,
-        "backbone": f"local-dir:{tiny_clip_dir}",
+        "backbone": COMFYUI_BACKBONE,
         "pretrained": "none",
         "max_epochs": 40,
         "seed": 0,
@@ -465,3 +465,40 @@ def test_empty_image_batch_is_an_error_naming_it(comfyui):
     score = comfyui.nodes.NODE_CLASS_MAPPINGS["GANRMScoreImages"]
     with pytest.raises(Exception, match="IMAGE batch is empty"):
         score.execute(comfyui_models().load("tiny"), torch.zeros(0, 64, 64, 3))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A server others can reach reads only its own folders
+
+
+def test_train_node_reads_targets_only_inside_the_input_folder(comfyui, tmp_path, monkeypatch):
+    outside = tmp_path / "private"
+    write_images(outside, make_property_images(10, True, seed=21))
+    for folder in (str(outside), "../../" + str(outside.relative_to(outside.anchor))):
+        run = comfyui.run(train_graph(None, "outside", folder))
+        assert not run.success and run.error["exception_type"].endswith("PathNotAllowedError")
+        assert "is outside ComfyUI's input folder" in run.error["exception_message"]
+        assert "GANRM_COMFYUI_ALLOW_ANY_PATH=1" in run.error["exception_message"]
+    assert not (comfyui.tree / "models" / "reward_models" / "outside").exists()
+
+    monkeypatch.setenv("GANRM_COMFYUI_ALLOW_ANY_PATH", "1")  # the owner of a private server opts in
+    assert comfyui.run(train_graph(None, "outside", str(outside))).success
+
+
+@pytest.mark.parametrize("field", ["backbone", "pretrained"])
+def test_train_node_reads_backbones_only_from_the_model_folders(comfyui, tiny_clip_dir, field):
+    write_images(comfyui.tree / "input" / "targets-backbone", make_property_images(10, True, seed=22))
+    value = f"local-dir:{tiny_clip_dir}" if field == "backbone" else str(tiny_clip_dir / "open_clip_model.safetensors")
+    run = comfyui.run(train_graph(None, f"outside-{field}", "targets-backbone", **{field: value}))
+    assert not run.success and run.error["exception_type"].endswith("PathNotAllowedError")
+    assert "is outside ComfyUI's model folders" in run.error["exception_message"]
+
+
+def test_train_node_takes_safetensors_weights_from_the_model_folders_and_never_a_pickle(comfyui):
+    write_images(comfyui.tree / "input" / "targets-weights", make_property_images(10, True, seed=23))
+    weights = "reward_backbones/tiny-clip/open_clip_model.safetensors"
+    assert comfyui.run(train_graph(None, "own-weights", "targets-weights", pretrained=weights)).success
+    pickle = comfyui.tree / "models" / "reward_backbones" / "weights.bin"
+    pickle.write_bytes(b"not read")
+    run = comfyui.run(train_graph(None, "pickled", "targets-weights", pretrained="reward_backbones/weights.bin"))
+    assert not run.success and "not a .safetensors file" in run.error["exception_message"]

@@ -7,7 +7,8 @@ import shutil
 
 import comfyui_support
 import pytest
-from conftest import make_property_images, write_images
+from conftest import COMFYUI_BACKBONE, make_property_images, write_images
+from test_comfyui_sampler import sampler_graph
 
 pytestmark = pytest.mark.comfyui
 
@@ -82,6 +83,26 @@ def test_object_info_lists_every_node_with_its_types(comfyui_server):
     assert train["output"] == ["GANRM_REWARD_MODEL", "STRING"]
 
 
+def test_object_info_describes_the_best_of_n_sampler_like_ksampler(comfyui_server):
+    info = comfyui_server.object_info()
+    sampler, core = info["GANRMBestOfNSampler"], info["KSampler"]
+    required = sampler["input"]["required"]
+    for name in ("model", "positive", "negative", "seed", "steps", "cfg", "denoise"):
+        assert required[name][0] == core["input"]["required"][name][0], name
+    assert required["sampler_name"][1]["options"] == core["input"]["required"]["sampler_name"][0]
+    assert required["scheduler"][1]["options"] == core["input"]["required"]["scheduler"][0]
+    assert [required[name][0] for name in ("latent_image", "vae", "reward_model")] == [
+        "LATENT",
+        "VAE",
+        "GANRM_REWARD_MODEL",
+    ]
+    assert required["pruning"][1]["options"] == ["default", "off", "custom", "fk"]
+    assert sampler["output"] == ["LATENT", "IMAGE", "FLOAT", "STRING"]
+    assert sampler["output_is_list"] == [False, False, True, False]
+    assert sampler["output_node"] is True and sampler["category"] == "ganrm"
+    assert "bit" not in sampler["description"] and "dpm_adaptive" in sampler["description"]
+
+
 def test_server_imported_the_pack_without_failure(comfyui_server):
     log = comfyui_server.log_path.read_text(errors="replace")
     import_lines = [line for line in log.splitlines() if "custom_nodes/ganrm" in line and "seconds" in line]
@@ -133,7 +154,7 @@ def _train_graph(folder: str, backbone: str) -> dict:
             "class_type": "GANRMTrainRewardModel",
             "inputs": {
                 "negatives": ["2", 0],
-                "name": f"trained-{folder}",
+                "name": f"trained-{folder.rstrip('/').rsplit('/', 1)[-1]}",
                 "positives_folder": folder,
                 "backbone": backbone,
                 "pretrained": "none",
@@ -163,8 +184,68 @@ def _empty_negatives_batch(tree, backbone):
     return graph
 
 
+def _sampler_top_k_above_candidates(tree, backbone):
+    return sampler_graph(top_k=9)
+
+
+def _sampler_checkpoint_past_the_last_step(tree, backbone):
+    return sampler_graph(pruning="custom", checkpoints="0.99", keep="2")
+
+
+def _sampler_without_reward_model(tree, backbone):
+    graph = sampler_graph()
+    del graph["20"]["inputs"]["reward_model"]
+    return graph
+
+
+def _loader_without_model_name(tree, backbone):
+    graph = good_graph()
+    del graph["10"]["inputs"]["model_name"]
+    return graph
+
+
+def _sampler_on_an_empty_latent(tree, backbone):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(
+        {"latent_tensor": torch.zeros(0, 4, 8, 8), "latent_format_version_0": torch.tensor([])},
+        str(tree / "input" / "empty.latent"),
+    )
+    graph = sampler_graph()
+    graph["2"] = {"class_type": "LoadLatent", "inputs": {"latent": "empty.latent"}}
+    return graph
+
+
+def _targets_outside_the_input_folder(tree, backbone):
+    outside = tree.parent / "private-images"
+    write_images(outside, make_property_images(10, True, seed=3))
+    return _train_graph(str(outside), backbone)
+
+
+def _targets_escaping_the_input_folder(tree, backbone):
+    write_images(tree.parent / "escaped", make_property_images(10, True, seed=4))
+    write_images(tree / "input" / "fine", make_property_images(10, True, seed=4))
+    return _train_graph("fine/../../../escaped", backbone)
+
+
+def _backbone_outside_the_model_folders(tree, backbone):
+    write_images(tree / "input" / "targets-ok", make_property_images(10, True, seed=5))
+    outside = tree.parent / "private-clip"
+    shutil.copytree(tree / "models" / "reward_backbones" / "tiny-clip", outside, dirs_exist_ok=True)
+    return _train_graph("targets-ok", f"local-dir:{outside}")
+
+
 # (how the graph is broken, where ComfyUI must report it, words the report must contain)
 BAD_GRAPHS = [
+    (_sampler_top_k_above_candidates, "validation", "top_k 9 must be between 1 and num_candidates 8"),
+    (_sampler_checkpoint_past_the_last_step, "validation", "falls on the last of the 10 steps"),
+    (_sampler_without_reward_model, "validation", "reward_model"),
+    (_loader_without_model_name, "validation", "model_name"),
+    (_sampler_on_an_empty_latent, "execution", "the LATENT batch is empty"),
+    (_targets_outside_the_input_folder, "execution", "is outside ComfyUI's input folder"),
+    (_targets_escaping_the_input_folder, "execution", "is outside ComfyUI's input folder"),
+    (_backbone_outside_the_model_folders, "execution", "is outside ComfyUI's model folders"),
     (_missing_reward_model, "validation", "'does-not-exist' is not in the reward_models folders"),
     (_wrong_input_type, "validation", "LATENT"),
     (_corrupt_checkpoint, "execution", "corrupt/model.safetensors"),
@@ -178,10 +259,8 @@ BAD_GRAPHS = [
 @pytest.mark.parametrize(
     ("make_graph", "stage", "words"), BAD_GRAPHS, ids=[case[0].__name__[1:] for case in BAD_GRAPHS]
 )
-def test_a_bad_graph_is_reported_and_the_server_runs_the_next_prompt(
-    comfyui_server, tiny_backbone, make_graph, stage, words
-):
-    status, answer = comfyui_server.queue_prompt(make_graph(comfyui_server.tree, tiny_backbone))
+def test_a_bad_graph_is_reported_and_the_server_runs_the_next_prompt(comfyui_server, make_graph, stage, words):
+    status, answer = comfyui_server.queue_prompt(make_graph(comfyui_server.tree, COMFYUI_BACKBONE))
     if stage == "validation":
         assert status == 400
         details = [error["details"] for node in answer["node_errors"].values() for error in node["errors"]]

@@ -15,7 +15,7 @@ import comfyui_support
 import numpy as np
 import pytest
 import torch
-from conftest import make_property_images, write_images
+from conftest import COMFYUI_BACKBONE, make_property_images, write_images
 from PIL import Image
 
 pytestmark = [
@@ -90,7 +90,7 @@ def test_train_reward_model_from_a_target_folder_and_a_generated_batch(sd15_serv
         "train_reward_model",
         EmptyLatentImage={"batch_size": 8},
         GANRMTrainRewardModel={
-            "backbone": tiny_backbone,
+            "backbone": COMFYUI_BACKBONE,
             "pretrained": "none",
             "max_epochs": 30,
             "name": "trained-in-comfyui",

@@ -43,6 +43,22 @@ def _drop_text_tower(clip: nn.Module) -> None:
         setattr(clip, name, None)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickled_weights(pretrained: str | None) -> None:
+    """A weights file is read only as safetensors: open_clip would unpickle a .bin/.pt file, and a pickle can run
+    code. Pretrained tags (open_clip's own downloads) are not files and pass."""
+    if pretrained is None:
+        return
+    path = Path(pretrained)
+    if path.suffix.lower() in PICKLE_SUFFIXES or (path.is_file() and path.suffix.lower() != ".safetensors"):
+        raise CheckpointError(
+            f"backbone weights {pretrained!r} are not a .safetensors file: only safetensors weights are loaded "
+            "from files (a pickled checkpoint can run code); convert it with safetensors.torch.save_file"
+        )
+
+
 class _RandomInitNotice(logging.Filter):
     """Drops open_clip's "No pretrained weights loaded ... Model initialized randomly" and its "Local config loaded,
     but no CLIP weights found" (logged on the root logger): true of the empty model it builds, false of the
@@ -117,6 +133,7 @@ class ClipBackbone(nn.Module):
         """Build `name` with open_clip's factory; `pretrained` is a tag, a weights file, or None for random."""
         if pretrained in ("none", ""):
             pretrained = None
+        _refuse_pickled_weights(pretrained)
         try:
             clip = open_clip.create_model(
                 name,
