@@ -50,7 +50,7 @@ lint: install
 
 # Speed targets, each a ratio measured side by side in one run and printed with its goal; every script also writes
 # $(BENCH_OUT)/<name>.json (the format: bench/results.py).
-bench: install
+bench: install comfyui
 	$(BIN)/python bench/scoring.py --out $(BENCH_OUT)/scoring.json
 	$(BIN)/python bench/best_of_n.py --out $(BENCH_OUT)/best_of_n.json
 	$(BIN)/python bench/best_of_n.py --family sd3 --out $(BENCH_OUT)/best_of_n_sd3.json
@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python bench/train_step.py --out $(BENCH_OUT)/train_step.json
 	$(BIN)/python bench/train_step.py --family sd3 --out $(BENCH_OUT)/train_step_sd3.json
 	$(BIN)/python bench/train_step.py --family flux --out $(BENCH_OUT)/train_step_flux.json
+	$(BIN)/python bench/comfyui_best_of_n.py --out $(BENCH_OUT)/comfyui_best_of_n.json
 
 # README's results and speed figures, rewritten from `make demo`'s report and `make bench`'s files (run both first).
 readme: | $(BIN)/python

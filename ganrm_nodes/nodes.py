@@ -367,6 +367,9 @@ class BestOfNSampler(io.ComfyNode):
             return problem
         if any(value is None for value in values.values()):
             return True  # linked or missing: checked when the node runs, or reported by ComfyUI
+        numbers = (steps, num_candidates, top_k, fk_lambda)
+        if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in numbers):
+            return True  # mistyped: ComfyUI reports its own conversion error
         try:
             schedule = sampling.parse_schedule(
                 pruning, checkpoints, keep, num_candidates, top_k, fk_lambda, fk_potential
@@ -424,9 +427,8 @@ class BestOfNSampler(io.ComfyNode):
                 for row, value in zip(result.rows.tolist(), result.scores.tolist(), strict=True)
             )
         )
-        return io.NodeOutput(
-            latent, result.images, result.scores.tolist(), summary, ui=_candidate_preview(cls, batch, result)
-        )
+        shown = _candidate_preview(cls, batch, result).as_dict() | ui.PreviewText(summary).as_dict()
+        return io.NodeOutput(latent, result.images, result.scores.tolist(), summary, ui=shown)
 
 
 def _candidate_preview(node: type[io.ComfyNode], batch: sampling.CandidateBatch, result: sampling.CandidateResult):

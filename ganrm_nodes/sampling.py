@@ -328,7 +328,8 @@ class CandidateSampler:
                 latents,
                 mask,
                 on_step,
-                s.seed + segment,  # each segment its own noise stream (a restart would repeat the first one)
+                # Each segment its own noise stream (a restart would repeat the first one's); seeds are 64-bit.
+                (s.seed + segment) & 0xFFFFFFFFFFFFFFFF,
                 start_step=start if segment else None,
                 last_step=end if end < s.steps else None,
             )

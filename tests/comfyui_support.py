@@ -83,6 +83,24 @@ def link_model(tree: Path, folder: str, file: Path, name: str | None = None) -> 
     return target
 
 
+def write_reduced_flux(tree: Path, file: Path) -> Path:
+    """A reduced-depth FLUX.1 [dev] checkpoint (comfyui_test_pack.write_reduced_flux), written by a child process:
+    it builds the model's shapes with ComfyUI's own classes, which must not be imported into a test process that
+    talks to a server."""
+    script = (
+        "import sys, importlib.util\n"
+        "sys.argv = ['write', '--cpu']\n"
+        "import comfy.options\n"
+        "comfy.options.enable_args_parsing()\n"
+        f"spec = importlib.util.spec_from_file_location('pack', {str(TEST_PACK / '__init__.py')!r})\n"
+        "pack = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(pack)\n"
+        f"pack.write_reduced_flux({str(file)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=tree, check=True, capture_output=True, text=True)
+    return file
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # In-process: ComfyUI's own loader, validator and executor inside the test process
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,8 +30,15 @@ def front_end(comfyui_server):
         yield page
 
 
-def test_there_are_three_workflows_in_both_formats():
-    assert WORKFLOWS == ["sd15_best_of_n", "sd15_lora_best_of_n", "train_reward_model"]
+def test_there_are_six_workflows_in_both_formats():
+    assert WORKFLOWS == [
+        "flux_best_of_n_sampler",
+        "sd15_best_of_n",
+        "sd15_best_of_n_sampler",
+        "sd15_lora_best_of_n",
+        "sdxl_best_of_n_sampler",
+        "train_reward_model",
+    ]
     for name in WORKFLOWS:
         assert (comfyui_support.REPO_ROOT / "workflows" / f"{name}.json").is_file()
 

@@ -253,6 +253,24 @@ def test_every_widget_left_out_of_an_api_graph_is_a_missing_input_error(comfyui,
     assert node_errors[node]["errors"][0]["details"] == widget
 
 
+@pytest.mark.parametrize(
+    ("node", "widget", "value", "error_type"),
+    [
+        ("20", "steps", "many", "invalid_input_type"),
+        ("20", "top_k", "two", "invalid_input_type"),
+        ("20", "cfg", "high", "invalid_input_type"),
+        ("10", "model_name", 5, "custom_validation_failed"),
+    ],
+)
+def test_a_mistyped_widget_is_a_validation_error_not_a_traceback(comfyui, node, widget, value, error_type):
+    graph = sampler_graph()
+    graph[node]["inputs"][widget] = value
+    valid, _error, _outputs, node_errors = comfyui.validate(graph)
+    assert not valid
+    assert [error["type"] for error in node_errors[node]["errors"]] == [error_type]
+    assert widget in node_errors[node]["errors"][0]["details"]
+
+
 def test_an_empty_latent_is_an_error_naming_it(comfyui):
     from ganrm_nodes.nodes import BestOfNSampler
 

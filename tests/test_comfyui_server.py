@@ -100,7 +100,7 @@ def test_object_info_describes_the_best_of_n_sampler_like_ksampler(comfyui_serve
     assert sampler["output"] == ["LATENT", "IMAGE", "FLOAT", "STRING"]
     assert sampler["output_is_list"] == [False, False, True, False]
     assert sampler["output_node"] is True and sampler["category"] == "ganrm"
-    assert "bit" not in sampler["description"] and "dpm_adaptive" in sampler["description"]
+    assert "LatentFromBatch" in sampler["description"] and "dpm_adaptive" in sampler["description"]
 
 
 def test_server_imported_the_pack_without_failure(comfyui_server):

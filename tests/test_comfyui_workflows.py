@@ -30,6 +30,8 @@ CPU_SETTINGS = {
     "EmptyLatentImage": {"width": 64, "height": 64},
     # cfg 1 lets ComfyUI skip the unconditional pass: half the UNet calls on a CPU.
     "KSampler": {"steps": 2, "cfg": 1.0},
+    # 4 steps: the default checkpoint (30 %) falls after the first step, leaving three to prune.
+    "GANRMBestOfNSampler": {"steps": 4, "cfg": 1.0},
 }
 
 
@@ -122,6 +124,65 @@ def test_sd15_with_a_lora_from_our_trainers_then_best_of_n(sd15_server):
 
     # Same seed, same prompt: only the LoRA differs, and it must change the picture.
     assert not torch.equal(saved_pixels(with_lora), saved_pixels(without_lora))
+
+
+def test_sd15_best_of_n_sampler_prunes_inside_sampling_and_saves_the_best(sd15_server):
+    entry = run(sd15_server, workflow("sd15_best_of_n_sampler"))
+    saved = comfyui_support.output_files(sd15_server.tree, entry, "9")
+    assert len(saved) == 2
+    for path in saved:
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+    (summary,) = entry["outputs"]["8"]["text"]
+    # 8 candidates for 1 step, then 2 for 3 steps: 14 of the 32 UNet evaluations of best-of-8 (cfg 1: one row each).
+    assert "14 rows through the model, 0.438x full best-of-N (32)" in summary
+    assert len(entry["outputs"]["8"]["images"]) == 1  # the preview of every candidate with its score
+
+
+def test_a_reduced_depth_flux_loads_through_unet_loader_and_prunes(sd15_server, tmp_path_factory):
+    """FLUX.1 [dev]'s real width (3072, 24 heads) with one double and one single block (ComfyUI's model detection
+    reads the depth from the file), through the stock UNETLoader; text conditionings and a TAESD from the tests'
+    pack stand in for T5 and the FLUX VAE, which do not fit a test."""
+    file = sd15_server.tree / "models" / "diffusion_models" / "flux-reduced.safetensors"
+    if not file.exists():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        comfyui_support.write_reduced_flux(sd15_server.tree, file)
+    graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": file.name, "weight_dtype": "default"}},
+        "2": {
+            "class_type": "GANRMTestConditioning",
+            "inputs": {"context_dim": 64, "pooled_dim": 64, "guidance": 3.5, "seed": 0},
+        },
+        "3": {"class_type": "GANRMTestTinyVAE", "inputs": {"latent_channels": 16, "seed": 0}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "GANRMLoadRewardModel", "inputs": {"model_name": "my-style"}},
+    }
+    sampler = {
+        "model": ["1", 0],
+        "positive": ["2", 0],
+        "negative": ["2", 1],
+        "latent_image": ["4", 0],
+        "vae": ["3", 0],
+        "reward_model": ["7", 0],
+        "seed": 3,
+        "steps": 4,
+        "cfg": 1.0,
+        "sampler_name": "euler",
+        "scheduler": "simple",
+        "denoise": 1.0,
+        "num_candidates": 4,
+        "top_k": 1,
+        "pruning": "custom",
+        "checkpoints": "0.25",
+        "keep": "1",
+        "fk_lambda": 1.0,
+        "fk_potential": "max",
+    }
+    graph["8"] = {"class_type": "GANRMBestOfNSampler", "inputs": sampler}
+    entry = run(sd15_server, graph)
+    (summary,) = entry["outputs"]["8"]["text"]
+    assert "7 rows through the model, 0.438x full best-of-N (16)" in summary  # 4 candidates x 1 step, then 1 x 3
+    assert "Flux" in sd15_server.log_tail(200_000)  # ComfyUI's loader reported the model type it detected
 
 
 def test_the_server_log_shows_no_traceback(sd15_server):

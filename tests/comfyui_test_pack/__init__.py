@@ -131,10 +131,82 @@ class TinyModel(io.ComfyNode):
         return io.NodeOutput(*build(family, seed))
 
 
+class Conditioning(io.ComfyNode):
+    """Random text conditionings of a given width, for a diffusion model loaded by ComfyUI's own loaders whose
+    text encoders are too large for a test (FLUX's T5)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GANRMTestConditioning",
+            category="ganrm/tests",
+            inputs=[
+                io.Int.Input("context_dim", default=64, min=1),
+                io.Int.Input("pooled_dim", default=64, min=0),
+                io.Float.Input("guidance", default=3.5, min=0.0),
+                io.Int.Input("seed", default=0, min=0),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls, context_dim: int, pooled_dim: int, guidance: float, seed: int) -> io.NodeOutput:
+        generator = torch.Generator().manual_seed(seed)
+        extras = {"guidance": guidance}
+        if pooled_dim:
+            extras["pooled_output"] = torch.randn(1, pooled_dim, generator=generator)
+        positive = [[torch.randn(1, 8, context_dim, generator=generator), dict(extras)]]
+        negative = [[torch.zeros(1, 8, context_dim), dict(extras)]]
+        return io.NodeOutput(positive, negative)
+
+
+class TinyVae(io.ComfyNode):
+    """A random TAESD (ComfyUI's own class) for latents of `latent_channels`."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GANRMTestTinyVAE",
+            category="ganrm/tests",
+            inputs=[io.Int.Input("latent_channels", default=16, min=1), io.Int.Input("seed", default=0, min=0)],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, latent_channels: int, seed: int) -> io.NodeOutput:
+        taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+        _initialise(taesd, seed)
+        return io.NodeOutput(comfy.sd.VAE(sd=taesd.state_dict()))
+
+
+def write_reduced_flux(path: str, seed: int = 0) -> None:
+    """A FLUX.1 [dev] checkpoint of the real width (3072, 24 heads) with one double and one single block and small
+    text inputs (64 wide), random bf16 weights, in the layout ComfyUI's UNETLoader detects as FLUX (~1 GB)."""
+    import comfy.ldm.flux.model
+    from safetensors.torch import save_file
+
+    config = dict(FLUX_DIT, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], vec_in_dim=64, context_in_dim=64)
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in comfy.ldm.flux.model.Flux(**config).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        if len(shape) >= 2:
+            fan_in = 1
+            for size in shape[1:]:
+                fan_in *= size
+            tensors[name] = (torch.randn(shape, generator=generator) / fan_in**0.5).to(torch.bfloat16)
+        elif name.endswith("scale") or name.endswith("weight"):
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = torch.zeros(shape, dtype=torch.bfloat16)
+    save_file(tensors, path)
+
+
 class TestPack(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyModel]
+        return [TinyModel, Conditioning, TinyVae]
 
 
 async def comfy_entrypoint() -> TestPack:
