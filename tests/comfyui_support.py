@@ -97,7 +97,9 @@ def write_reduced_flux(tree: Path, file: Path) -> Path:
         "spec.loader.exec_module(pack)\n"
         f"pack.write_reduced_flux({str(file)!r})\n"
     )
-    subprocess.run([sys.executable, "-c", script], cwd=tree, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tree, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"writing {file} failed:\n{done.stderr[-3000:]}")
     return file
 
 

@@ -189,6 +189,41 @@ def test_each_latent_of_a_batch_gets_its_own_candidates_and_top_k(comfyui):
     assert images.shape[0] == 2 and len(scores) == 2
 
 
+def test_a_prompt_batch_gives_each_prompt_its_own_candidates_and_prompt(comfyui, comfyui_reward_models):
+    """Two prompts (a CONDITIONING batch of 2) and a LATENT batch of 2: candidate j of prompt b is row j * 2 + b,
+    sampled with prompt b (the rows equal KSampler's on RepeatLatentBatch), scored with prompt b's text by a
+    prompt-aware reward model, and each prompt keeps its own top-k."""
+    from ganrm_diffusers.reward.model import GANRewardModel
+
+    prompts = {
+        "5": {
+            "class_type": "GANRMTestConditioning",
+            "inputs": {"context_dim": 32, "pooled_dim": 0, "guidance": 0.0, "seed": 4, "batch": 2},
+        }
+    }
+    graph = sampler_graph(latents=2, pruning="off", top_k=4, num_candidates=4, prompt="a red one\na blue one")
+    graph |= prompts | {"10": {"class_type": "GANRMLoadRewardModel", "inputs": {"model_name": "tiny-prompt-aware"}}}
+    graph["20"]["inputs"] |= {"positive": ["5", 0], "negative": ["5", 1]}
+    graph |= {
+        "6": {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["2", 0], "amount": 4}},
+        "31": {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0], "filename_prefix": "prompts"}},
+    }
+    graph |= ksampler(["6", 0], positive=["5", 0], negative=["5", 1])
+    run = run_ok(comfyui, graph)
+    latent, images, scores, _ = kept(run)
+    reference = run.outputs["30"][0][0]["samples"]
+    for row, samples in zip(latent["batch_index"], latent["samples"], strict=True):
+        assert torch.equal(samples, reference[row])
+    assert [row % 2 for row in latent["batch_index"]] == [0] * 4 + [1] * 4  # prompt by prompt, best first
+
+    model = GANRewardModel.from_pretrained(comfyui_reward_models["tiny-prompt-aware"])
+    texts = ["a red one" if row % 2 == 0 else "a blue one" for row in latent["batch_index"]]
+    expected = model.score(images.movedim(-1, 1), texts)
+    assert (torch.tensor(scores) - expected).norm() <= 1e-4 * expected.norm()
+    for group in (slice(0, 4), slice(4, 8)):
+        assert scores[group] == sorted(scores[group], reverse=True)
+
+
 def test_fk_resampling_runs_on_a_noisy_sampler_and_is_refused_on_a_deterministic_one(comfyui):
     run = run_ok(
         comfyui,

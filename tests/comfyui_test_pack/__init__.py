@@ -145,18 +145,19 @@ class Conditioning(io.ComfyNode):
                 io.Int.Input("pooled_dim", default=64, min=0),
                 io.Float.Input("guidance", default=3.5, min=0.0),
                 io.Int.Input("seed", default=0, min=0),
+                io.Int.Input("batch", default=1, min=1, tooltip="prompts in the batch (each its own embedding)"),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )
 
     @classmethod
-    def execute(cls, context_dim: int, pooled_dim: int, guidance: float, seed: int) -> io.NodeOutput:
+    def execute(cls, context_dim: int, pooled_dim: int, guidance: float, seed: int, batch: int = 1) -> io.NodeOutput:
         generator = torch.Generator().manual_seed(seed)
         extras = {"guidance": guidance}
         if pooled_dim:
-            extras["pooled_output"] = torch.randn(1, pooled_dim, generator=generator)
-        positive = [[torch.randn(1, 8, context_dim, generator=generator), dict(extras)]]
-        negative = [[torch.zeros(1, 8, context_dim), dict(extras)]]
+            extras["pooled_output"] = torch.randn(batch, pooled_dim, generator=generator)
+        positive = [[torch.randn(batch, 8, context_dim, generator=generator), dict(extras)]]
+        negative = [[torch.zeros(batch, 8, context_dim), dict(extras)]]
         return io.NodeOutput(positive, negative)
 
 
@@ -183,11 +184,13 @@ def write_reduced_flux(path: str, seed: int = 0) -> None:
     """A FLUX.1 [dev] checkpoint of the real width (3072, 24 heads) with one double and one single block and small
     text inputs (64 wide), random bf16 weights, in the layout ComfyUI's UNETLoader detects as FLUX (~1 GB)."""
     import comfy.ldm.flux.model
+    import comfy.ops
     from safetensors.torch import save_file
 
     config = dict(FLUX_DIT, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], vec_in_dim=64, context_in_dim=64)
     with torch.device("meta"):
-        shapes = {name: tuple(p.shape) for name, p in comfy.ldm.flux.model.Flux(**config).state_dict().items()}
+        model = comfy.ldm.flux.model.Flux(**config, operations=comfy.ops.disable_weight_init)
+        shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():
