@@ -130,7 +130,7 @@ def test_pruning_off_keeps_what_ksampler_batch_n_then_best_of_n_keeps(comfyui, f
 
 @pytest.mark.parametrize(
     ("family", "sampler_name"),
-    [("sd15", "euler"), ("sd15", "dpmpp_2m"), ("sd15", "euler_ancestral"), ("flux", "euler")],
+    [("sd15", "euler"), ("sd15", "dpmpp_2m"), ("sd15", "euler_ancestral"), ("sd15", "dpmpp_2m_sde"), ("flux", "euler")],
 )
 def test_pruned_survivors_are_the_unpruned_candidates_bit_for_bit(comfyui, family, sampler_name):
     full = kept(run_ok(comfyui, sampler_graph(family, pruning="off", top_k=8, sampler_name=sampler_name)))
