@@ -35,8 +35,7 @@ def any_path_allowed() -> bool:
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
-    resolved = path.resolve()  # symlinks and ".." cannot lead out
-    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+    return any(path.is_relative_to(root.resolve()) for root in roots)
 
 
 def _refuse(what: str, text: str, where: str) -> PathNotAllowedError:
@@ -50,22 +49,29 @@ def target_folder(text: str) -> Path:
     """A folder of target images: relative to ComfyUI's input directory, and (absolute or not) inside it."""
     input_dir = Path(folder_paths.get_input_directory())
     path = Path(text).expanduser()
-    path = path if path.is_absolute() else input_dir / path
+    # Resolved once, and the resolved path is what gets read: symlinks and ".." cannot lead out afterwards.
+    path = (path if path.is_absolute() else input_dir / path).resolve()
     if not any_path_allowed() and not _inside(path, [input_dir]):
         raise _refuse("positives_folder", text, f"ComfyUI's input folder ({input_dir})")
     return path
 
 
+# Model folders a backbone may come from (with their extra_model_paths.yaml entries); not every registered folder
+# (custom_nodes is one).
+BACKBONE_FOLDERS = ("reward_models", "clip", "clip_vision", "text_encoders", "checkpoints")
+
+
 def _model_roots() -> list[Path]:
     roots = {Path(folder_paths.models_dir)}
-    for paths, _extensions in folder_paths.folder_names_and_paths.values():
-        roots.update(Path(path) for path in paths)
+    for name in BACKBONE_FOLDERS:
+        if name in folder_paths.folder_names_and_paths:
+            roots.update(Path(path) for path in folder_paths.get_folder_paths(name))
     return sorted(roots)
 
 
 def _model_file(text: str, what: str) -> str:
     path = Path(text).expanduser()
-    path = path if path.is_absolute() else Path(folder_paths.models_dir) / path
+    path = (path if path.is_absolute() else Path(folder_paths.models_dir) / path).resolve()
     if not any_path_allowed() and not _inside(path, _model_roots()):
         raise _refuse(what, text, f"ComfyUI's model folders ({folder_paths.models_dir} and the extra model paths)")
     return str(path)
@@ -78,7 +84,7 @@ def backbone_arguments(backbone: str, pretrained: str) -> tuple[str, str | None]
     backbone, pretrained = backbone.strip(), pretrained.strip()
     if backbone.startswith(LOCAL_DIR):
         backbone = LOCAL_DIR + _model_file(backbone[len(LOCAL_DIR) :], "backbone folder")
-    if _names_a_file(pretrained):
+    if ":" not in backbone and _names_a_file(pretrained):  # open_clip reads `pretrained` only for plain names
         pretrained = _model_file(pretrained, "pretrained weights file")
     return backbone, pretrained or None
 

@@ -49,14 +49,9 @@ def _declared_problem(node: type[io.ComfyNode], values: dict) -> str | None:
 
 def _prompts_for_batch(text: str, count: int, group_size: int) -> list[str] | None:
     """One prompt for every image, or, when the text has one line per group, each line for its group."""
-    text = text.strip()
-    if not text:
-        return None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
     groups = count // group_size if group_size and count % group_size == 0 else 1
-    if groups > 1 and len(lines) == groups:
-        return [line for line in lines for _ in range(group_size)]
-    return [text] * count
+    prompts = sampling.group_prompts(text, groups)
+    return None if prompts is None else [prompts[index // (count // groups)] for index in range(count)]
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -287,9 +282,10 @@ class BestOfNSampler(io.ComfyNode):
                 "as in the unpruned run (up to the model's own batch-size rounding on some GPUs). dpm_fast and "
                 "dpm_adaptive choose their own steps and cannot be pruned. FK resampling (pruning = fk) needs a "
                 "sampler that adds noise (ancestral, SDE, ddpm, lcm): its images come from copied particles and do "
-                "not regenerate from a seed. Candidate r of the repeated batch regenerates alone with KSampler "
-                "from RepeatLatentBatch(num_candidates) -> LatentFromBatch(batch_index=r); the LATENT output "
-                "carries those batch indices."
+                "not regenerate from a seed. The summary names each kept candidate's row r: KSampler on the "
+                "same seed regenerates it alone from RepeatLatentBatch(num_candidates) -> LatentFromBatch("
+                "batch_index=r) of the same latent; the LATENT output carries the noise index that row gets. "
+                "ControlNet runs on every candidate (ComfyUI computes it before the model call)."
             ),
             is_output_node=True,
             inputs=[
@@ -405,6 +401,7 @@ class BestOfNSampler(io.ComfyNode):
     ) -> io.NodeOutput:
         schedule = sampling.parse_schedule(pruning, checkpoints, keep, num_candidates, top_k, fk_lambda, fk_potential)
         batch = sampling.candidate_batch(model, latent_image, num_candidates, seed)
+        sampling.check_prompt_batch(positive, negative, batch.groups)
         prompts = sampling.group_prompts(prompt, batch.groups)
 
         def score(images: torch.Tensor, groups: list[int]) -> torch.Tensor:
@@ -415,17 +412,21 @@ class BestOfNSampler(io.ComfyNode):
 
         latent = {key: value for key, value in latent_image.items() if key not in ("samples", "batch_index")}
         latent["samples"] = result.samples
-        latent["batch_index"] = result.batch_index
+        if pruning != "fk":  # FK's images come from copied particles: no noise index regenerates them
+            latent["batch_index"] = result.batch_index
         if isinstance(batch.noise_mask, torch.Tensor) and batch.noise_mask.shape[0] == batch.rows:
             latent["noise_mask"] = batch.noise_mask[result.rows]
-        summary = (
-            f"{batch.groups} latent(s) x {num_candidates} candidates, {sampler_name}/{scheduler} {steps} steps, "
-            f"pruning {pruning}: {result.evaluated_rows} rows through the model, "
-            f"{result.evaluated_rows / result.full_rows:.3f}x full best-of-N ({result.full_rows})\n"
-            + "\n".join(
-                f"kept row {row}: score {value:+.4f}"
-                for row, value in zip(result.rows.tolist(), result.scores.tolist(), strict=True)
-            )
+        summary = "\n".join(
+            [
+                f"{batch.groups} latent(s) x {num_candidates} candidates, {sampler_name}/{scheduler} {steps} steps, "
+                f"pruning {pruning}: {result.evaluated_rows} rows through the model, "
+                f"{result.evaluated_rows / max(1, result.full_rows):.3f}x full best-of-N ({result.full_rows})",
+                *([f"no saving: {result.unprunable}"] if result.unprunable else []),
+                *(
+                    f"kept {'particle' if pruning == 'fk' else 'row'} {row}: score {value:+.4f}"
+                    for row, value in zip(result.rows.tolist(), result.scores.tolist(), strict=True)
+                ),
+            ]
         )
         shown = _candidate_preview(cls, batch, result).as_dict() | ui.PreviewText(summary).as_dict()
         return io.NodeOutput(latent, result.images, result.scores.tolist(), summary, ui=shown)

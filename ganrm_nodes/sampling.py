@@ -23,6 +23,8 @@ between its checkpoints (KSamplerAdvanced's start and end steps), each segment a
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,29 +80,28 @@ def check_schedule_fits(
 # Only the live candidates through the diffusion model
 
 
-def _take_rows(value: object, index: torch.Tensor, piece: torch.Tensor, rows: int, batch: int) -> object:
-    """Restrict a conditioning value to the chosen rows: tensors of `batch` rows (all chunks) by `index`, tensors of
-    `rows` rows (one per candidate, e.g. the sigmas) by `piece`; dicts and lists (ControlNet outputs) recursively."""
-    if isinstance(value, torch.Tensor) and value.ndim > 0:
-        if value.shape[0] == batch:
-            return value[index.to(value.device)]
-        if value.shape[0] == rows:
-            return value[piece.to(value.device)]
-        return value
-    if isinstance(value, dict):
-        return {key: _take_rows(item, index, piece, rows, batch) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_take_rows(item, index, piece, rows, batch) for item in value)
+def _take_rows(value: object, index: torch.Tensor, batch: int) -> object:
+    """Restrict a conditioning value to the rows `index` of a `batch`-row call: its tensors of `batch` rows, also
+    inside plain dicts and lists (ControlNet outputs); anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value[index.to(value.device)]
+    if type(value) is dict:
+        return {key: _take_rows(item, index, batch) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_take_rows(item, index, batch) for item in value)
     return value
 
 
 class LiveRows:
     """A model function wrapper that puts only the live candidates' rows through the diffusion model.
 
-    ComfyUI's calc_cond_batch calls it with the rows of one or more conditionings (cond, uncond) stacked, each chunk
-    all the sampler's rows. Dead rows get denoised = x back. The rows of one call are split when ComfyUI's model
-    management says they do not fit in free memory, as calc_cond_batch splits conditionings. An earlier wrapper on
-    the MODEL (another node's) is kept and called with the reduced batch.
+    ComfyUI's calc_cond_batch calls it with the rows of one or more conditionings (cond, uncond, area conds)
+    stacked, each chunk all the sampler's rows. Dead rows get denoised = x back. The rows of one call are split
+    when ComfyUI's model management says they do not fit in free memory, as calc_cond_batch splits conditionings.
+    An earlier wrapper on the MODEL (another node's) is kept and called with the reduced batch. ControlNet and
+    T2I-Adapter outputs are computed by ComfyUI for all rows before this wrapper (their cost is not pruned) and
+    sliced here. A model patched with per-row tensors this wrapper cannot see (GLIGEN, regional attention masks)
+    fails on a reduced batch: from then on every row goes through the model (correct, with no saving).
     """
 
     def __init__(self, rows: int, inner: Callable | None = None):
@@ -108,16 +109,32 @@ class LiveRows:
         self.inner = inner
         self.live: torch.Tensor | None = None  # candidate rows still sampled; None = all
         self.evaluated_rows = 0  # rows that went through the diffusion model (cond and uncond rows both count)
+        self.offered_rows = 0  # rows ComfyUI asked for: what running every candidate to the end would cost
+        self.unprunable: str | None = None  # why reduced batches failed, once they have
 
     def __call__(self, apply_model: Callable, args: dict) -> torch.Tensor:
         x = args["input"]
+        self.offered_rows += int(x.shape[0])
         chunks = len(args["cond_or_uncond"])
-        if x.shape[0] != chunks * self.rows:  # not the candidates' batch (another sampler inside?): leave it
-            return self._apply(apply_model, args)
+        if x.shape[0] != chunks * self.rows or self.unprunable is not None:
+            return self._apply(apply_model, args)  # not the candidates' batch, or a model that needs every row
         live = torch.arange(self.rows) if self.live is None else self.live
         per_call = self._candidates_per_call(apply_model, x, chunks, len(live))
         if len(live) == self.rows and per_call >= self.rows:
             return self._apply(apply_model, args)  # exactly what ComfyUI itself would run
+        try:
+            return self._apply_live(apply_model, args, live, per_call, chunks)
+        except RuntimeError as error:
+            if "size" not in str(error) and "shape" not in str(error):
+                raise
+            self.unprunable = str(error).splitlines()[0]
+            logging.warning("GAN-RM Best-of-N Sampler: the model needs every row (%s); sampling all", self.unprunable)
+            return self._apply(apply_model, args)
+
+    def _apply_live(
+        self, apply_model: Callable, args: dict, live: torch.Tensor, per_call: int, chunks: int
+    ) -> torch.Tensor:
+        x = args["input"]
         out = None
         for piece in live.split(per_call):
             index = torch.cat([piece + chunk * self.rows for chunk in range(chunks)])
@@ -143,7 +160,7 @@ class LiveRows:
                 if isinstance(sigmas, torch.Tensor) and sigmas.ndim > 0 and sigmas.shape[0] == self.rows:
                     reduced[key]["sigmas"] = sigmas[piece.to(sigmas.device)]
             else:
-                reduced[key] = _take_rows(value, index, piece, self.rows, batch)
+                reduced[key] = _take_rows(value, index, batch)
         return reduced
 
     def _apply(self, apply_model: Callable, args: dict) -> torch.Tensor:
@@ -153,12 +170,12 @@ class LiveRows:
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     def _candidates_per_call(self, apply_model: Callable, x: torch.Tensor, chunks: int, live: int) -> int:
-        """The most candidates whose rows fit in free memory at once (ComfyUI's estimate and 1.5x margin)."""
+        """The most live candidates whose rows fit in free memory at once (ComfyUI's estimate, its 1.5x margin)."""
         base_model = getattr(apply_model, "__self__", None)
         if base_model is None or not hasattr(base_model, "memory_required"):
-            return self.rows
+            return live
         free = model_management.get_free_memory(x.device)
-        count = self.rows
+        count = live
         while count > 1 and base_model.memory_required([chunks * count, *x.shape[1:]]) * 1.5 >= free:
             count = math.ceil(count / 2)
         return count
@@ -185,7 +202,7 @@ class CandidateBatch:
 
     def rows_of(self, live: torch.Tensor) -> torch.Tensor:
         """Rows of the live candidates [B, M] (candidate numbers per image), in the same shape."""
-        return live * self.groups + torch.arange(self.groups).unsqueeze(1)
+        return _slot_rows(self.num_candidates, self.groups, live)
 
 
 def candidate_batch(model: object, latent: dict, num_candidates: int, seed: int) -> CandidateBatch:
@@ -224,6 +241,7 @@ class CandidateResult:
     pruned_at: dict[int, int] = field(default_factory=dict)  # row -> steps done when it was dropped
     evaluated_rows: int = 0  # rows through the diffusion model
     full_rows: int = 0  # what full best-of-N would put through it
+    unprunable: str | None = None  # why every row had to go through the model, if it had
 
 
 @dataclass
@@ -257,6 +275,10 @@ class CandidateSampler:
     def run(self, batch: CandidateBatch) -> CandidateResult:
         s = self.settings
         check_schedule_fits(self.schedule, s.sampler_name, s.steps, batch.num_candidates, self.top_k)
+        if isinstance(self.schedule, FKResampling) and batch.noise_mask is not None:
+            # A later segment would start from noisy latents, which KSamplerX0Inpaint also takes as the picture
+            # to keep outside the mask.
+            raise ScheduleError("FK resampling cannot inpaint (the LATENT has a noise mask): use pruning instead")
         self.batch = batch
         self.result = CandidateResult(
             rows=torch.empty(0), samples=torch.empty(0), images=torch.empty(0), scores=torch.empty(0), batch_index=[]
@@ -267,19 +289,24 @@ class CandidateSampler:
             else batch.num_candidates * s.steps
         )
         self.progress = _Progress(self.model, total)
+        # The sampled MODEL: a clone whose model function only lets the live candidates' rows through.
+        self.gate = LiveRows(batch.rows, self.model.model_options.get("model_function_wrapper"))
+        self.sampled = self.model.clone()
+        self.sampled.set_model_unet_function_wrapper(self.gate)
+        self.result.full_rows = 0
         if isinstance(self.schedule, FKResampling):
-            samples, live = self._sample_fk()
+            samples, rows = self._sample_fk()
         else:
-            samples, live = self._sample_pruned()
-        return self._finish(samples, live)
+            samples, rows = self._sample_pruned()
+            self.result.full_rows = self.gate.offered_rows  # every call is offered all rows
+        self.result.evaluated_rows = self.gate.evaluated_rows
+        self.result.unprunable = self.gate.unprunable
+        return self._finish(samples, rows)
 
     # -- pruning: one sampler call -----------------------------------------------------------------------------
 
     def _sample_pruned(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch, s = self.batch, self.settings
-        gate = LiveRows(batch.rows, self.model.model_options.get("model_function_wrapper"))
-        model = self.model.clone()
-        model.set_model_unet_function_wrapper(gate)
         live = torch.arange(batch.num_candidates).repeat(batch.groups, 1)  # [B, M] candidate numbers
         run = (
             self.schedule.start(s.steps, self.top_k, self._seeds(), batch.num_candidates)
@@ -295,24 +322,21 @@ class CandidateSampler:
             if step in checkpoints:
                 scores = self._judge(x0, rows)
                 live = torch.gather(live, 1, run.survivors(step, scores).parents)
-                gate.live = batch.rows_of(live).flatten()
+                self.gate.live = batch.rows_of(live).flatten()
                 self._mark_pruned(rows, batch.rows_of(live), step + 1)
 
-        samples = self._sample(model, batch.noise, batch.latents, batch.noise_mask, on_step, s.seed)
-        self.result.evaluated_rows = gate.evaluated_rows
+        samples = self._sample(batch.noise, batch.latents, batch.noise_mask, on_step, s.seed)
         return samples, batch.rows_of(live)
 
     # -- FK resampling: one sampler call per segment ------------------------------------------------------------
 
     def _sample_fk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segments between the resampling checkpoints, each a sampler call from where the last one stopped
+        (KSamplerAdvanced's start and end steps). Particle slot j of latent b is row j * B + b throughout, so
+        that ComfyUI's tiling of a CONDITIONING batch still gives each row its latent's prompt."""
         batch, s = self.batch, self.settings
         run = self.schedule.start(s.steps, self.top_k, self._seeds(), batch.num_candidates)
-        gate = LiveRows(batch.rows, self.model.model_options.get("model_function_wrapper"))
-        model = self.model.clone()
-        model.set_model_unet_function_wrapper(gate)
-        latents, noise, mask = batch.latents, batch.noise, batch.noise_mask
-        particles = batch.num_candidates
-        start = 0
+        latents, noise, particles, start = batch.latents, batch.noise, batch.num_candidates, 0
         recorded: dict[str, torch.Tensor] = {}
 
         def on_step(step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
@@ -321,41 +345,27 @@ class CandidateSampler:
 
         for segment, checkpoint in enumerate([*sorted(run.checkpoints), s.steps - 1]):
             end = checkpoint + 1
-            gate.rows = batch.groups * particles
-            samples = self._sample(
-                model,
-                noise,
-                latents,
-                mask,
-                on_step,
-                # Each segment its own noise stream (a restart would repeat the first one's); seeds are 64-bit.
-                (s.seed + segment) & 0xFFFFFFFFFFFFFFFF,
-                start_step=start if segment else None,
-                last_step=end if end < s.steps else None,
-            )
+            self.gate.rows = batch.groups * particles
+            seed = s.seed if segment == 0 else _derived_seed(s.seed, "segment", segment)
+            first, last = (start if segment else None), (end if end < s.steps else None)
+            offered = self.gate.offered_rows
+            samples = self._sample(noise, latents, None, on_step, seed, start_step=first, last_step=last)
+            # What these steps cost with all N particles (a shrunk population is offered fewer rows).
+            self.result.full_rows += (self.gate.offered_rows - offered) * batch.num_candidates // particles
             if end >= s.steps:
                 break
-            live = torch.arange(particles).repeat(batch.groups, 1)
-            rows = live * batch.groups + torch.arange(batch.groups).unsqueeze(1)
-            scores = self._judge(recorded["x0"], rows, record=False)
-            parents = run.survivors(checkpoint, scores).parents  # [B, M'] particle slots
+            slots = _slot_rows(particles, batch.groups)
+            parents = run.survivors(checkpoint, self._judge(recorded["x0"], slots, record=False)).parents
             particles = parents.shape[1]
-            # Copy-major again (slot j' of image b at row j' * B + b), so that conditionings tile correctly.
-            order = (parents * batch.groups + torch.arange(batch.groups).unsqueeze(1)).T.flatten()
-            latents = samples[order]
+            latents = samples[_slot_rows(particles, batch.groups, parents).T.flatten()]  # copy-major again
             noise = torch.zeros_like(latents)
-            if isinstance(mask, torch.Tensor) and mask.ndim > 0 and mask.shape[0] == order.numel():
-                mask = mask[order]
             start = end
-        self.result.evaluated_rows = gate.evaluated_rows
-        live = torch.arange(particles).repeat(batch.groups, 1)
-        return samples, live * batch.groups + torch.arange(batch.groups).unsqueeze(1)
+        return samples, _slot_rows(particles, batch.groups)
 
     # -- shared ------------------------------------------------------------------------------------------------
 
     def _sample(
         self,
-        model: object,
         noise: torch.Tensor,
         latents: torch.Tensor,
         mask: torch.Tensor | None,
@@ -366,7 +376,7 @@ class CandidateSampler:
     ) -> torch.Tensor:
         s = self.settings
         return comfy.sample.sample(
-            model,
+            self.sampled,
             noise,
             s.steps,
             s.cfg,
@@ -385,9 +395,12 @@ class CandidateSampler:
         )
 
     def _seeds(self) -> list[int]:
-        """One seed per candidate, image-major, as the library's schedules take them (FK draws from the first)."""
+        """One seed per candidate, image-major, as the library's schedules take them (FK draws each image's
+        resampling from its first): derived from the node's seed, so that seed + 1 is not another image's."""
         return [
-            self.settings.seed + group for group in range(self.batch.groups) for _ in range(self.batch.num_candidates)
+            _derived_seed(self.settings.seed, "latent", group)
+            for group in range(self.batch.groups)
+            for _ in range(self.batch.num_candidates)
         ]
 
     def _judge(self, x0: torch.Tensor, rows: torch.Tensor, record: bool = True) -> torch.Tensor:
@@ -398,6 +411,8 @@ class CandidateSampler:
         latents = self.model.model.process_latent_out(x0[flat.to(x0.device)].to(torch.float32))
         images = decode(self.vae, latents)
         scores = self.score_rows(images, [int(row) % self.batch.groups for row in flat.tolist()])
+        # Decoding and scoring may have pushed the sampled model out of memory: bring it back before its next step.
+        model_management.load_models_gpu([self.sampled])
         if record:
             for row, image, value in zip(flat.tolist(), images, scores.tolist(), strict=True):
                 self.result.last_images[row] = image
@@ -424,9 +439,19 @@ class CandidateSampler:
         result.images = images[selection.selected]
         result.scores = selection.scores
         result.batch_index = [self.batch.batch_index[row] for row in chosen.tolist()]
-        chunks = 1 if self.settings.cfg == 1.0 else 2
-        result.full_rows = chunks * self.batch.rows * self.settings.steps
         return result
+
+
+def _slot_rows(particles: int, groups: int, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [B, M] of particle slots (default all `particles` of each latent): slot j of latent b is j * B + b."""
+    slots = torch.arange(particles).repeat(groups, 1) if slots is None else slots
+    return slots * groups + torch.arange(groups).unsqueeze(1)
+
+
+def _derived_seed(seed: int, purpose: str, index: int) -> int:
+    """A 64-bit seed for one purpose and index, unrelated to seed + 1's (a hash, not an offset)."""
+    digest = hashlib.sha256(f"ganrm:{seed}:{purpose}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def decode(vae: object, latents: torch.Tensor) -> torch.Tensor:
@@ -503,8 +528,21 @@ def _numbers(text: str, kind: type, name: str) -> list:
         raise ScheduleError(f"{name} must be comma-separated {kind.__name__} values, got {text!r}") from None
 
 
+def check_prompt_batch(positive: list, negative: list, groups: int) -> None:
+    """A CONDITIONING batch must hold one prompt, or one per latent: ComfyUI tiles it over the rows, so another
+    size would mix prompts within a latent's candidates."""
+    for name, conditioning in (("positive", positive), ("negative", negative)):
+        for entry in conditioning:
+            size = entry[0].shape[0] if isinstance(entry[0], torch.Tensor) else 1
+            if size not in (1, groups):
+                raise ImageInputError(
+                    f"the {name} CONDITIONING has a batch of {size} prompts for a LATENT of {groups}: give one "
+                    f"prompt, or one per latent"
+                )
+
+
 def group_prompts(text: str, groups: int) -> Sequence[str] | None:
-    """The prompt of each image of the LATENT: one text for all, or one line per image."""
+    """The reward model's prompt for each group (latent): one text for all, or one line per group."""
     text = text.strip()
     if not text:
         return None

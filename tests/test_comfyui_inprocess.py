@@ -488,17 +488,23 @@ def test_train_node_reads_targets_only_inside_the_input_folder(comfyui, tmp_path
 @pytest.mark.parametrize("field", ["backbone", "pretrained"])
 def test_train_node_reads_backbones_only_from_the_model_folders(comfyui, tiny_clip_dir, field):
     write_images(comfyui.tree / "input" / "targets-backbone", make_property_images(10, True, seed=22))
-    value = f"local-dir:{tiny_clip_dir}" if field == "backbone" else str(tiny_clip_dir / "open_clip_model.safetensors")
-    run = comfyui.run(train_graph(None, f"outside-{field}", "targets-backbone", **{field: value}))
+    if field == "backbone":
+        inputs = {"backbone": f"local-dir:{tiny_clip_dir}"}
+    else:  # a weights file for an architecture open_clip knows by name
+        inputs = {"backbone": "ViT-B-32", "pretrained": str(tiny_clip_dir / "open_clip_model.safetensors")}
+    run = comfyui.run(train_graph(None, f"outside-{field}", "targets-backbone", **inputs))
     assert not run.success and run.error["exception_type"].endswith("PathNotAllowedError")
     assert "is outside ComfyUI's model folders" in run.error["exception_message"]
 
 
-def test_train_node_takes_safetensors_weights_from_the_model_folders_and_never_a_pickle(comfyui):
+def test_train_node_accepts_weights_inside_the_model_folders_and_never_a_pickle(comfyui):
     write_images(comfyui.tree / "input" / "targets-weights", make_property_images(10, True, seed=23))
     weights = "reward_backbones/tiny-clip/open_clip_model.safetensors"
     assert comfyui.run(train_graph(None, "own-weights", "targets-weights", pretrained=weights)).success
-    pickle = comfyui.tree / "models" / "reward_backbones" / "weights.bin"
-    pickle.write_bytes(b"not read")
-    run = comfyui.run(train_graph(None, "pickled", "targets-weights", pretrained="reward_backbones/weights.bin"))
-    assert not run.success and "not a .safetensors file" in run.error["exception_message"]
+    pickled = comfyui.tree / "models" / "reward_backbones" / "pickled-clip"
+    pickled.mkdir(exist_ok=True)
+    shutil.copy(comfyui.tree / "models" / "reward_backbones" / "tiny-clip" / "open_clip_config.json", pickled)
+    (pickled / "open_clip_pytorch_model.bin").write_bytes(b"never read")
+    graph = train_graph(None, "pickled", "targets-weights", backbone="local-dir:reward_backbones/pickled-clip")
+    run = comfyui.run(graph)
+    assert not run.success and "holds weights only as pickles" in run.error["exception_message"]

@@ -380,3 +380,177 @@ def test_candidates_split_when_memory_is_short_give_the_same_images(comfyui, mon
     whole_rows = dict(zip(whole["batch_index"], whole["samples"], strict=True))
     for row, samples in zip(split["batch_index"], split["samples"], strict=True):
         assert (samples - whole_rows[row]).norm() <= 1e-4 * whole_rows[row].norm()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Graphs that change what the sampler sees: inpainting masks, img2img, batch indices, area conditionings
+
+
+def masked_latent() -> dict:
+    """An encoded picture with a noise mask (SetLatentNoiseMask), as inpainting graphs give the sampler."""
+    return {
+        "40": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1, "color": 0x7F3F1F},
+        },
+        "41": {"class_type": "VAEEncode", "inputs": {"pixels": ["40", 0], "vae": ["1", 1]}},
+        "42": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": SIZE, "height": SIZE}},
+        "43": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["41", 0], "mask": ["42", 0]}},
+    }
+
+
+def assert_survivors_match(full: dict, pruned: dict) -> None:
+    rows = dict(zip(full["batch_index"], full["samples"], strict=True))
+    for row, samples in zip(pruned["batch_index"], pruned["samples"], strict=True):
+        assert torch.equal(samples, rows[row]), f"candidate {row} differs from the unpruned run"
+
+
+def test_inpainting_survivors_are_the_unpruned_candidates_and_fk_is_refused(comfyui):
+    def graph(**inputs) -> dict:
+        built = sampler_graph(**inputs) | masked_latent()
+        built["20"]["inputs"]["latent_image"] = ["43", 0]
+        return built
+
+    full = kept(run_ok(comfyui, graph(pruning="off", top_k=8)))[0]
+    pruned = kept(run_ok(comfyui, graph(pruning="default", top_k=2)))[0]
+    assert_survivors_match(full, pruned)
+    assert pruned["noise_mask"].shape[-2:] == (SIZE, SIZE)
+    run = comfyui.run(graph(pruning="fk", checkpoints="0.3", keep="", sampler_name="euler_ancestral"))
+    assert not run.success and "FK resampling cannot inpaint" in run.error["exception_message"]
+
+
+def test_img2img_from_a_picked_latent_keeps_its_noise_indices(comfyui):
+    """denoise < 1 on an encoded picture taken by LatentFromBatch (batch_index [1]): survivors are the unpruned
+    candidates, and a kept one regenerates with RepeatLatentBatch -> LatentFromBatch -> KSampler."""
+    source = {
+        "40": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": SIZE, "height": SIZE, "batch_size": 2, "color": 0x3F7F1F},
+        },
+        "41": {"class_type": "VAEEncode", "inputs": {"pixels": ["40", 0], "vae": ["1", 1]}},
+        "44": {"class_type": "LatentFromBatch", "inputs": {"samples": ["41", 0], "batch_index": 1, "length": 1}},
+    }
+
+    def graph(**inputs) -> dict:
+        built = sampler_graph(denoise=0.6, **inputs) | source
+        built["20"]["inputs"]["latent_image"] = ["44", 0]
+        return built
+
+    full = kept(run_ok(comfyui, graph(pruning="off", top_k=8)))[0]
+    assert sorted(full["batch_index"]) == list(range(1, 9))  # RepeatLatentBatch's indices for [1]
+    pruned = kept(run_ok(comfyui, graph(pruning="default", top_k=1)))[0]
+    assert_survivors_match(full, pruned)
+    (index,) = pruned["batch_index"]
+    again = (
+        source
+        | tiny_model()
+        | {
+            "45": {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["44", 0], "amount": 8}},
+            "46": {
+                "class_type": "LatentFromBatch",
+                "inputs": {"samples": ["45", 0], "batch_index": index - 1, "length": 1},
+            },
+            "31": {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0], "filename_prefix": "img2img"}},
+        }
+    )
+    again |= ksampler(["46", 0], denoise=0.6)
+    alone = run_ok(comfyui, again).outputs["30"][0][0]["samples"]
+    assert (alone - pruned["samples"]).norm() <= 1e-4 * pruned["samples"].norm()
+
+
+def test_area_conditionings_three_chunks_a_call(comfyui):
+    """Two positive conditionings (one with an area) and the negative: calc_cond_batch stacks three chunks of rows
+    into each model call, and each is cut to the live candidates."""
+    area = {
+        "50": {
+            "class_type": "ConditioningSetArea",
+            "inputs": {"conditioning": ["1", 2], "width": 64, "height": 64, "x": 0, "y": 0, "strength": 0.5},
+        },
+        "51": {
+            "class_type": "ConditioningCombine",
+            "inputs": {"conditioning_1": ["1", 2], "conditioning_2": ["50", 0]},
+        },
+    }
+
+    def graph(**inputs) -> dict:
+        built = sampler_graph(**inputs) | area
+        built["20"]["inputs"]["positive"] = ["51", 0]
+        return built
+
+    before = len(tiny_pack().CALLS_SEEN.get("sd15", []))
+    full = kept(run_ok(comfyui, graph(pruning="off", top_k=8)))[0]
+    calls = tiny_pack().CALLS_SEEN["sd15"][before:]
+    chunks = calls[0] // 8
+    assert chunks >= 3 and calls == [chunks * 8] * STEPS
+    pruned_run = run_ok(comfyui, graph(pruning="default", top_k=2))
+    assert_survivors_match(full, kept(pruned_run)[0])
+    # 3 steps of 8 candidates, 7 of 2: 38 of 80 candidate-steps, `chunks` rows each.
+    assert f"{38 * chunks} rows through the model, 0.475x full best-of-N ({80 * chunks})" in kept(pruned_run)[3]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FK segments, and a model pushed out of memory while candidates are judged
+
+
+def test_fk_segments_equal_one_sampler_call_when_nothing_is_resampled(comfyui, monkeypatch):
+    """FK samples between checkpoints in separate calls (KSamplerAdvanced's start and end steps). With resampling
+    made the identity and a deterministic sampler, the segments must give what one call gives, for an SD1.5
+    (eps) and a FLUX (flow) model: the latent round trips between segments are right."""
+    from ganrm_diffusers.generation import pruning
+    from ganrm_nodes import sampling
+
+    def nobody_moves(self, step: int, scores: torch.Tensor) -> pruning.Survivors:
+        prompts, live = scores.shape
+        return pruning.Survivors(parents=torch.arange(live).repeat(prompts, 1), inherit_identity=False)
+
+    monkeypatch.setattr(pruning._FKRun, "survivors", nobody_moves)
+    monkeypatch.setattr(sampling, "adds_noise", lambda name: True)  # let FK run on euler
+    for family in ("sd15", "flux"):
+        one_call = kept(run_ok(comfyui, sampler_graph(family, pruning="off", top_k=8)))[0]
+        segments = kept(run_ok(comfyui, sampler_graph(family, pruning="fk", checkpoints="0.2, 0.5", keep="", top_k=8)))[
+            0
+        ]
+        # FK's LATENT has no batch_index (particles, not seeds); with nobody resampled, particle r is candidate r.
+        ordered = dict(zip(one_call["batch_index"], one_call["samples"], strict=True))
+        reference = torch.stack([ordered[row] for row in sorted(ordered)])
+        got = segments["samples"]
+        # The same candidates, in the order of their final scores (the same scores: the same images).
+        matched = [min(range(8), key=lambda row: (reference[row] - sample).norm().item()) for sample in got]
+        assert sorted(matched) == list(range(8)), family
+        for row, sample in zip(matched, got, strict=True):
+            # Between segments the latent goes out of the model's space and back (scaling, flow's 1 - sigma).
+            assert (sample - reference[row]).norm() <= 1e-4 * reference[row].norm(), family
+
+
+def test_fk_with_a_shrinking_population_costs_what_its_schedule_says(comfyui):
+    run = run_ok(
+        comfyui,
+        sampler_graph(pruning="fk", checkpoints="0.3", keep="4", sampler_name="euler_ancestral", cfg=1.0, top_k=2),
+    )
+    latent, images, scores, summary = kept(run)
+    # 10 steps: 3 with 8 particles, 7 with 4.
+    assert "52 rows through the model, 0.650x full best-of-N (80)" in summary
+    assert "batch_index" not in latent and len(scores) == 2 and "kept particle" in summary
+
+
+def test_a_model_pushed_out_of_memory_while_judging_comes_back_with_its_patches(comfyui, monkeypatch):
+    """Decoding and scoring at a checkpoint may make ComfyUI unload the sampled model (which also takes its LoRA
+    patches off); it must be loaded back, patched, before the next step."""
+    import comfy.model_management as model_management
+    import comfy.sd
+
+    def graph(**inputs) -> dict:
+        built = sampler_graph(**inputs)
+        built["1"]["inputs"]["patch_strength"] = 1.0
+        return built
+
+    full = kept(run_ok(comfyui, graph(pruning="off", top_k=8)))[0]
+    decode = comfy.sd.VAE.decode
+
+    def decode_after_unloading_everything(self, *args, **kwargs):
+        model_management.unload_all_models()
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.sd.VAE, "decode", decode_after_unloading_everything)
+    pruned = kept(run_ok(comfyui, graph(pruning="default", top_k=2)))[0]
+    assert_survivors_match(full, pruned)

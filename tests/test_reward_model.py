@@ -229,3 +229,21 @@ def test_numpy_and_pil_single_images(model):
     array = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     pil = to_pil(torch.from_numpy(array).permute(2, 0, 1)[None] / 255.0)
     assert_relative_close(model.score(array), model.score(pil), SCORE_RTOL, "numpy vs PIL")
+
+
+def test_backbone_weights_are_read_only_as_safetensors(tmp_path, tiny_clip_dir):
+    """A pickled weights file is never read: as `pretrained`, or as the only weights of a local-dir folder."""
+    import shutil
+
+    from ganrm_diffusers.utils.errors import CheckpointError
+
+    pickled = tmp_path / "weights.bin"
+    pickled.write_bytes(b"never read")
+    with pytest.raises(CheckpointError, match="not a .safetensors file"):
+        ClipBackbone.load("ViT-B-32", str(pickled))
+    folder = tmp_path / "pickled_clip"
+    shutil.copytree(tiny_clip_dir, folder)
+    (folder / "open_clip_model.safetensors").rename(folder / "open_clip_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="holds weights only as pickles"):
+        ClipBackbone.load(f"local-dir:{folder}", None)
+    assert ClipBackbone.load(f"local-dir:{tiny_clip_dir}", None).embed_dim > 0

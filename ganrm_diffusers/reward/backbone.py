@@ -46,16 +46,26 @@ def _drop_text_tower(clip: nn.Module) -> None:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _refuse_pickled_weights(pretrained: str | None) -> None:
-    """A weights file is read only as safetensors: open_clip would unpickle a .bin/.pt file, and a pickle can run
-    code. Pretrained tags (open_clip's own downloads) are not files and pass."""
-    if pretrained is None:
+def _refuse_pickled_weights(name: str, pretrained: str | None) -> None:
+    """Weights are read from files only as safetensors: the project never unpickles a user file (open_clip would
+    read a .bin/.pth one with torch.load, a restricted unpickler, but an unpickler). A `local-dir:` folder must hold
+    a .safetensors file (open_clip prefers it over the others); pretrained tags are open_clip's own downloads."""
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:") :])
+        pickled = [path.name for suffix in PICKLE_SUFFIXES for path in folder.glob(f"*{suffix}")]
+        if pickled and not any(folder.glob("*.safetensors")):
+            raise CheckpointError(
+                f"backbone folder {folder} holds weights only as pickles ({', '.join(sorted(pickled))}): only "
+                "safetensors weights are read from files; convert them with safetensors.torch.save_file"
+            )
         return
+    if pretrained is None or ":" in name:
+        return  # open_clip does not read `pretrained` for hf-hub names
     path = Path(pretrained)
     if path.suffix.lower() in PICKLE_SUFFIXES or (path.is_file() and path.suffix.lower() != ".safetensors"):
         raise CheckpointError(
-            f"backbone weights {pretrained!r} are not a .safetensors file: only safetensors weights are loaded "
-            "from files (a pickled checkpoint can run code); convert it with safetensors.torch.save_file"
+            f"backbone weights {pretrained!r} are not a .safetensors file: only safetensors weights are read from "
+            "files (the project never unpickles a user file); convert them with safetensors.torch.save_file"
         )
 
 
@@ -133,7 +143,7 @@ class ClipBackbone(nn.Module):
         """Build `name` with open_clip's factory; `pretrained` is a tag, a weights file, or None for random."""
         if pretrained in ("none", ""):
             pretrained = None
-        _refuse_pickled_weights(pretrained)
+        _refuse_pickled_weights(name, pretrained)
         try:
             clip = open_clip.create_model(
                 name,

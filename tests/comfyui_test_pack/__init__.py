@@ -75,8 +75,9 @@ def _initialise(module: torch.nn.Module, seed: int) -> None:
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
 
 
-def build(family: str, seed: int) -> tuple:
-    """(MODEL, VAE, positive, negative) of a tiny random model of `family`."""
+def build(family: str, seed: int, patch_strength: float = 0.0) -> tuple:
+    """(MODEL, VAE, positive, negative) of a tiny random model of `family`; with `patch_strength`, the MODEL
+    carries a weight patch (a LoRA-like "diff" on one layer), which ComfyUI applies when it loads the model."""
     if family == "sd15":
         config = comfy.supported_models.SD15(dict(SD15_UNET))
         config.unet_config.update({"num_heads": 2, "num_head_channels": -1})
@@ -94,6 +95,12 @@ def build(family: str, seed: int) -> tuple:
     model = comfy.model_patcher.ModelPatcher(
         base, load_device=model_management.get_torch_device(), offload_device=model_management.unet_offload_device()
     )
+    if patch_strength:
+        key, weight = next(
+            (k, v) for k, v in base.state_dict().items() if k.startswith("diffusion_model.") and v.ndim == 2
+        )
+        delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed + 3)) * weight.std()
+        model.add_patches({key: ("diff", (delta,))}, patch_strength)
     taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     _initialise(taesd, seed + 1)
     vae = comfy.sd.VAE(sd=taesd.state_dict())
@@ -117,7 +124,11 @@ class TinyModel(io.ComfyNode):
         return io.Schema(
             node_id="GANRMTestTinyModel",
             category="ganrm/tests",
-            inputs=[io.Combo.Input("family", options=["sd15", "flux"]), io.Int.Input("seed", default=0, min=0)],
+            inputs=[
+                io.Combo.Input("family", options=["sd15", "flux"]),
+                io.Int.Input("seed", default=0, min=0),
+                io.Float.Input("patch_strength", default=0.0, optional=True),
+            ],
             outputs=[
                 io.Model.Output(),
                 io.Vae.Output(),
@@ -127,8 +138,8 @@ class TinyModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, family: str, seed: int) -> io.NodeOutput:
-        return io.NodeOutput(*build(family, seed))
+    def execute(cls, family: str, seed: int, patch_strength: float = 0.0) -> io.NodeOutput:
+        return io.NodeOutput(*build(family, seed, patch_strength))
 
 
 class Conditioning(io.ComfyNode):
