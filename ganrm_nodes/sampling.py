@@ -164,10 +164,12 @@ class LiveRows:
         return reduced
 
     def _apply(self, apply_model: Callable, args: dict) -> torch.Tensor:
-        self.evaluated_rows += int(args["input"].shape[0])
         if self.inner is not None:
-            return self.inner(apply_model, args)
-        return apply_model(args["input"], args["timestep"], **args["c"])
+            result = self.inner(apply_model, args)
+        else:
+            result = apply_model(args["input"], args["timestep"], **args["c"])
+        self.evaluated_rows += int(args["input"].shape[0])  # rows of calls that finished
+        return result
 
     def _candidates_per_call(self, apply_model: Callable, x: torch.Tensor, chunks: int, live: int) -> int:
         """The most live candidates whose rows fit in free memory at once (ComfyUI's estimate, its 1.5x margin)."""

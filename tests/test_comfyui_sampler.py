@@ -554,3 +554,19 @@ def test_a_model_pushed_out_of_memory_while_judging_comes_back_with_its_patches(
     monkeypatch.setattr(comfy.sd.VAE, "decode", decode_after_unloading_everything)
     pruned = kept(run_ok(comfyui, graph(pruning="default", top_k=2)))[0]
     assert_survivors_match(full, pruned)
+
+
+def test_a_model_that_needs_every_row_is_sampled_whole_and_says_so(comfyui):
+    """A patch holding per-row tensors (GLIGEN, regional masks) fails on a reduced batch: the node then puts every
+    row through the model, which gives the unpruned candidates again, and reports that nothing was saved."""
+
+    def graph(**inputs) -> dict:
+        built = sampler_graph(**inputs)
+        built["1"]["inputs"]["rows_per_call"] = 16
+        return built
+
+    full = kept(run_ok(comfyui, graph(pruning="off", top_k=8)))[0]
+    latent, _images, _scores, summary = kept(run_ok(comfyui, graph(pruning="default", top_k=2)))
+    assert_survivors_match(full, latent)
+    assert "no saving: The size of tensor a (4) must match" in summary
+    assert "1.000x full best-of-N" in summary

@@ -128,6 +128,14 @@ class TinyModel(io.ComfyNode):
                 io.Combo.Input("family", options=["sd15", "flux"]),
                 io.Int.Input("seed", default=0, min=0),
                 io.Float.Input("patch_strength", default=0.0, optional=True),
+                io.Int.Input(
+                    "rows_per_call",
+                    default=0,
+                    min=0,
+                    optional=True,
+                    tooltip="> 0: an attention patch fails unless every call has a multiple of this many rows, as "
+                    "patches holding per-row tensors (GLIGEN) fail on a reduced batch",
+                ),
             ],
             outputs=[
                 io.Model.Output(),
@@ -138,8 +146,20 @@ class TinyModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, family: str, seed: int, patch_strength: float = 0.0) -> io.NodeOutput:
-        return io.NodeOutput(*build(family, seed, patch_strength))
+    def execute(cls, family: str, seed: int, patch_strength: float = 0.0, rows_per_call: int = 0) -> io.NodeOutput:
+        model, *rest = build(family, seed, patch_strength)
+        if rows_per_call:
+            model.set_model_attn1_patch(_whole_batch_patch(rows_per_call))
+        return io.NodeOutput(model, *rest)
+
+
+def _whole_batch_patch(rows: int):
+    def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> tuple:
+        if q.shape[0] % rows:
+            raise RuntimeError(f"The size of tensor a ({q.shape[0]}) must match the size of tensor b ({rows})")
+        return q, k, v
+
+    return patch
 
 
 class Conditioning(io.ComfyNode):
