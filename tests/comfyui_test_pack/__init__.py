@@ -176,7 +176,9 @@ class Conditioning(io.ComfyNode):
                 io.Int.Input("pooled_dim", default=64, min=0),
                 io.Float.Input("guidance", default=3.5, min=0.0),
                 io.Int.Input("seed", default=0, min=0),
-                io.Int.Input("batch", default=1, min=1, tooltip="prompts in the batch (each its own embedding)"),
+                io.Int.Input(
+                    "batch", default=1, min=1, optional=True, tooltip="prompts in the batch (each its own embedding)"
+                ),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )
