@@ -94,6 +94,10 @@ def test_every_method_has_a_judged_row_on_the_same_seeds(demo_out):
     assert report["world"]["clip_captions"] and report["goals"]
     report_md = (demo_out / "report.md").read_text()
     assert "| best_of_8_pruned |" in report_md and "| prdp |" in report_md and "grids/dpo.png" in report_md
+    # The deterministic pruned row is read off the full run, checked against a real pruned run.
+    check = methods["best_of_8_pruned"]["simulation_check"]
+    assert check["prompts"] > 0 and check["agreeing"] == check["prompts"]
+    assert f"picked the same candidate for {check['agreeing']} of them" in report_md
 
 
 def test_the_flow_family_has_the_selection_rows_under_the_same_contract(demo_out):
@@ -110,6 +114,8 @@ def test_the_flow_family_has_the_selection_rows_under_the_same_contract(demo_out
     assert methods["best_of_8"]["baseline"] == "random_candidate"
     assert methods["random_candidate"]["unet_evaluations"] == methods["best_of_8"]["unet_evaluations"]
     assert methods["best_of_8_pruned"]["unet_evaluations"] < methods["best_of_8"]["unet_evaluations"]
+    check = methods["best_of_8_pruned"]["simulation_check"]  # the flow ODE is deterministic: read off, checked
+    assert check["prompts"] > 0 and check["agreeing"] == check["prompts"]
     for name in ("fk_resample_same_cost_as_pruned", "fk_4_particles", "best_of_8_pruned_sde"):
         assert methods[name]["baseline"] == "random_candidate_sde", name
     tuning, evaluation = family["settings"]["tuning"]["seed_range"], family["evaluation"]["seed_range"]

@@ -71,6 +71,18 @@ def test_runs_use_the_same_seeds_and_count_what_each_method_costs(runs):
     assert (runs["best_of_4_pruned"].scores <= runs["best_of_4"].scores + 1e-4).all()
 
 
+def test_the_pruned_row_read_off_the_full_run_is_what_a_pruned_run_picks(runs):
+    """The deterministic pruned row comes from the full run's candidates and x0 rewards; a real pruned run over
+    the same prompts (all ten here) picked the same candidate, by seed, for every prompt."""
+    pruned, full = runs["best_of_4_pruned"], runs["best_of_4"]
+    assert pruned.extra["simulation_check"] == {"prompts": 10, "agreeing": 10, "unet_rows": pruned.unet_rows}
+    assert sorted(full.checkpoint_scores) == [round(0.3 * STEPS), round(0.6 * STEPS)]
+    assert all(scores.shape == (10, CANDIDATES) for scores in full.checkpoint_scores.values())
+    candidates = full.candidate_images.view(10, CANDIDATES, *full.candidate_images.shape[1:])
+    for prompt in range(10):
+        assert any(torch.equal(pruned.images[prompt], candidates[prompt, j]) for j in range(CANDIDATES))
+
+
 def test_random_pick_takes_one_candidate_per_prompt_at_the_full_cost(runs):
     full = runs["best_of_4"]
     picked = random_pick(full, CANDIDATES, seed=0)

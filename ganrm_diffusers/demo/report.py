@@ -164,7 +164,7 @@ accuracy {_cell(figures.get("class_accuracy"))}, style rate {_cell(figures.get("
 generator's samples): AUC target vs base {_cell(model.get("auc"))}, target vs other real digits
 {_cell(model.get("auc_style_among_real"))}. Rows on {family["evaluation"]["prompts"]} evaluation prompts, seeds
 {family["evaluation"]["seed_range"]}; pruning schedule `{pruning.get("chosen")}` chosen on tuning seeds
-{tuning["seed_range"]} ({_pruning_source(pruning)}).
+{tuning["seed_range"]} ({_pruning_source(pruning)}).{_pruned_reading(family["methods"])}
 
 {methods_table(family["methods"])}
 
@@ -180,6 +180,20 @@ def _pruning_source(pruning: dict) -> str:
     if "swept" in pruning:
         return "every swept schedule is in report.json (`settings.tuning.pruning.swept`)"
     return "the choice of an earlier `ganrm demo --tune` run on these seeds; `--tune` sweeps them again"
+
+
+def _pruned_reading(methods: dict) -> str:
+    """How the deterministic pruned row was measured, when it was read off the full run (selection_study)."""
+    row = next((row for name, row in methods.items() if name.endswith("_pruned") and "simulation_check" in row), None)
+    if row is None:
+        return ""
+    check = row["simulation_check"]
+    return (
+        f" The pruned row is read off the full best-of-N run (a survivor is exactly a full-run candidate with this "
+        f"sampler; that run scored every candidate's x0 at the checkpoints, and the schedule's own code selected): "
+        f"a real pruned run on the first {check['prompts']} evaluation prompts picked the same candidate for "
+        f"{check['agreeing']} of them."
+    )
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -225,7 +239,7 @@ selection rows, `base` for the fine-tuned rows. `faint_rate` / `blank_rate`: the
 
 ## Settings chosen on the tuning seeds
 Tuning prompts: {tuning["prompts"]}, seeds {tuning["seed_range"]} (disjoint from the evaluation seeds).
-Pruning schedule: `{pruning.get("chosen")}` ({pruning.get("rule")}); {_pruning_source(pruning)}. Fine-tuning settings: `settings` of each fine-tuned row; how they were chosen is in
+Pruning schedule: `{pruning.get("chosen")}` ({pruning.get("rule")}); {_pruning_source(pruning)}.{_pruned_reading(methods)} Fine-tuning settings: `settings` of each fine-tuned row; how they were chosen is in
 `settings.tuning.finetune` where a `ganrm demo --tune` run is recorded.
 
 ## What each row draws

@@ -5,7 +5,11 @@ seed `seeds[i * N + j]` in every method, so differences between methods are not 
 selected, with its cost; the demo judges the images. Runs:
 
 - `best_of_8`: full best-of-N (N = `num_candidates`, 8 by default), keeping every candidate;
-- `best_of_8_pruned`: best-of-N with the given `PruneSchedule` (chosen on tuning seeds by `pruning_sweep`);
+- `best_of_8_pruned`: best-of-N with the given `PruneSchedule` (chosen on tuning seeds by `pruning_sweep`). With
+  the deterministic sampler a survivor is exactly the candidate of the full run (the pipeline tests check it bit for
+  bit), so the row is read off the full run, which also scores every candidate's x0 at the schedule's checkpoints:
+  the schedule's own selection code on those scores, the schedule's own cost. A real pruned run on the first
+  `check_prompts` prompts checks the reading (`extra["simulation_check"]`: how many picks agree);
 - with `stochastic=True`, `best_of_8_eta1`, `best_of_8_pruned_eta1`, `fk_resample_same_cost_as_pruned` and
   `fk_4_particles`: Feynman-Kac-style resampling needs a stochastic sampler, so FK is compared with best-of-N and
   pruning run with the same DDIM eta = 1 and the same seeds (for a flow-matching pipeline: the stochastic flow
@@ -55,6 +59,8 @@ class _Run:
     unet_rows: int
     seconds: float
     extra: dict = field(default_factory=dict)
+    seeds: list[int | None] = field(default_factory=list)  # the seed of each selected image
+    checkpoint_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # steps done -> (prompts, N) x0 rewards
 
 
 def _run(
@@ -69,6 +75,7 @@ def _run(
     **call_kwargs: object,
 ) -> _Run:
     images, scores, candidate_scores, candidate_images, rows, seconds = [], [], [], [], 0, 0.0
+    chosen_seeds, early = [], {}
     for start in tqdm(range(0, len(prompts), prompts_per_call), desc=description, disable=not progress, leave=False):
         part = prompts[start : start + prompts_per_call]
         part_seeds = seeds[start * num_candidates : (start + len(part)) * num_candidates]
@@ -86,6 +93,9 @@ def _run(
         rows += counter[0]
         images.append(output.images.cpu())
         scores.append(output.scores)
+        chosen_seeds.extend(output.seeds)
+        for steps, values in (output.checkpoint_scores or {}).items():
+            early.setdefault(steps, []).append(values.view(len(part), -1))
         if keep_candidates:
             candidate_scores.append(output.candidate_scores)
             candidate_images.append(output.candidates.cpu())
@@ -96,6 +106,8 @@ def _run(
         candidate_images=torch.cat(candidate_images) if keep_candidates else None,
         unet_rows=rows,
         seconds=seconds,
+        seeds=chosen_seeds,
+        checkpoint_scores={steps: torch.cat(parts) for steps, parts in sorted(early.items())},
     )
 
 
@@ -115,6 +127,7 @@ def selection_runs(
     fk_lambda: float = 2.0,
     prompts_per_call: int = 50,
     progress: bool = True,
+    check_prompts: int = 20,
     **pipeline_kwargs: object,
 ) -> dict[str, _Run]:
     """The runs of the module docstring on `prompts`, candidate j of prompt i drawn from `seeds[i * N + j]`;
@@ -152,7 +165,23 @@ def selection_runs(
             },
         )
 
-    runs = {name: run(name, keep_candidates=True), f"{name}_pruned": run(f"{name} pruned", prune=schedule)}
+    # Every candidate's x0 scored at the schedule's checkpoints, all kept: the full run, and what pruning sees.
+    recorder = PruneSchedule(at=schedule.at, keep=(1.0,) * len(schedule.at))
+    full = replace(run(name, keep_candidates=True, prune=recorder), extra={})
+    check = _run(
+        pipe,
+        prompts[:check_prompts],
+        seeds[: check_prompts * num_candidates],
+        num_candidates,
+        prompts_per_call,
+        False,
+        progress,
+        f"{name} pruned (check)",
+        prune=schedule,
+        **common,
+    )
+    pruned = _read_pruned(full, check, schedule, num_candidates, num_inference_steps, seeds)
+    runs = {name: full, f"{name}_pruned": pruned}
     if stochastic:
         eta, suffix = stochastic_eta, stochastic_suffix
         runs[f"{name}{suffix}"] = run(f"{name} eta={eta:g}", keep_candidates=True, eta=eta)
@@ -163,6 +192,35 @@ def selection_runs(
         particles = FKResampling(at=(0.2, 0.4, 0.6), lambda_=fk_lambda)
         runs[f"fk_{half}_particles"] = run(f"FK {half} particles", candidates=half, prune=particles, eta=eta)
     return runs
+
+
+def _read_pruned(
+    full: _Run, check: _Run, schedule: PruneSchedule, num_candidates: int, num_steps: int, seeds: list[int]
+) -> _Run:
+    """The pruned row read off the full run (see the module docstring), with the real pruned run `check` on the
+    first prompts as evidence that the reading is what pruning does (the same candidate, by its seed)."""
+    prompts = len(full.scores)
+    final = full.candidate_scores.view(prompts, num_candidates)
+    probe = _Probe(full.checkpoint_scores, final, torch.empty(0), torch.empty(0), num_steps)
+    chosen = _simulated_choice(schedule, probe)
+    index = torch.arange(prompts) * num_candidates + chosen
+    rows_per_evaluation = full.unet_rows // (prompts * num_candidates * num_steps)  # 2 with classifier-free guidance
+    evaluations = schedule.unet_evaluations(num_candidates, num_steps, 1) * prompts
+    checked = len(check.scores)
+    agreeing = sum(check.seeds[i] == seeds[int(index[i])] for i in range(checked))
+    return _Run(
+        images=full.candidate_images[index],
+        scores=final[torch.arange(prompts), chosen],
+        candidate_scores=None,
+        candidate_images=None,
+        unet_rows=evaluations * rows_per_evaluation,
+        seconds=full.seconds * schedule.cost_fraction(num_candidates, num_steps),
+        extra={
+            "prune": _describe(schedule),
+            "read_off": "the full run's candidates and x0 rewards (survivors are the full run's candidates)",
+            "simulation_check": {"prompts": checked, "agreeing": agreeing, "unet_rows": check.unet_rows},
+        },
+    )
 
 
 def random_pick(full: _Run, num_candidates: int, seed: int = 0) -> _Run:
