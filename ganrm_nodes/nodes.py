@@ -279,7 +279,7 @@ class BestOfNSampler(io.ComfyNode):
                 "evaluations of full best-of-N). A survivor is exactly the candidate the unpruned run gives, with "
                 "every sampler whose step reads only its own row: the deterministic ones (euler, heun, dpmpp_2m, "
                 "uni_pc, ddim...) and also the ancestral and SDE ones, whose noise is drawn for the whole batch "
-                "as in the unpruned run (up to the model's own batch-size rounding on some GPUs). dpm_fast and "
+                "as in the unpruned run (up to the rounding the model's kernels may give another batch size). dpm_fast and "
                 "dpm_adaptive choose their own steps and cannot be pruned. FK resampling (pruning = fk) needs a "
                 "sampler that adds noise (ancestral, SDE, ddpm, lcm): its images come from copied particles and do "
                 "not regenerate from a seed. The summary names each kept candidate's row r: KSampler on the "

@@ -132,13 +132,22 @@ def test_pruning_off_keeps_what_ksampler_batch_n_then_best_of_n_keeps(comfyui, f
     ("family", "sampler_name"),
     [("sd15", "euler"), ("sd15", "dpmpp_2m"), ("sd15", "euler_ancestral"), ("sd15", "dpmpp_2m_sde"), ("flux", "euler")],
 )
-def test_pruned_survivors_are_the_unpruned_candidates_bit_for_bit(comfyui, family, sampler_name):
+def test_pruned_survivors_are_the_unpruned_candidates(comfyui, family, sampler_name):
     full = kept(run_ok(comfyui, sampler_graph(family, pruning="off", top_k=8, sampler_name=sampler_name)))
     pruned = kept(run_ok(comfyui, sampler_graph(family, pruning="default", top_k=2, sampler_name=sampler_name)))
-    full_latents = dict(zip(full[0]["batch_index"], full[0]["samples"], strict=True))
     assert len(pruned[0]["batch_index"]) == 2
-    for row, samples in zip(pruned[0]["batch_index"], pruned[0]["samples"], strict=True):
-        assert torch.equal(samples, full_latents[row]), f"candidate {row} differs from the unpruned run"
+    assert_survivors_match(full[0], pruned[0])
+
+
+def assert_survivors_match(full: dict, pruned: dict) -> None:
+    """Each survivor is the unpruned run's candidate of its row: the same noise, steps, sampler history and noise
+    stream. Bit for bit on the machines we ran; the model sees 2 rows where the unpruned run gave it 8, and another
+    CPU's kernels may round a batch of another size differently, so the claim is stated at 1e-5 of the norm (a
+    wrong noise, step or history differs by the norm's order)."""
+    rows = dict(zip(full["batch_index"], full["samples"], strict=True))
+    for row, samples in zip(pruned["batch_index"], pruned["samples"], strict=True):
+        difference = (samples - rows[row]).norm()
+        assert difference <= 1e-5 * rows[row].norm(), f"candidate {row} differs from the unpruned run"
 
 
 def test_model_rows_follow_the_schedule(comfyui):
@@ -397,12 +406,6 @@ def masked_latent() -> dict:
         "42": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": SIZE, "height": SIZE}},
         "43": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["41", 0], "mask": ["42", 0]}},
     }
-
-
-def assert_survivors_match(full: dict, pruned: dict) -> None:
-    rows = dict(zip(full["batch_index"], full["samples"], strict=True))
-    for row, samples in zip(pruned["batch_index"], pruned["samples"], strict=True):
-        assert torch.equal(samples, rows[row]), f"candidate {row} differs from the unpruned run"
 
 
 def test_inpainting_survivors_are_the_unpruned_candidates_and_fk_is_refused(comfyui):
