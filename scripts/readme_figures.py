@@ -239,7 +239,25 @@ def results_region(report: dict) -> list[str]:
         lines += [f"**Family `{name}`**", ""] + family_lines(family if isinstance(family, dict) else {}) + [""]
     lines += [LEGEND, "", reward_model_sentence(report.get("reward_model"), report.get("world"))]
     dimming = dimming_sentence(report)
-    return lines + (["", dimming] if dimming else []) + tuning_lines(report.get("settings"))
+    timing = timing_sentence(report.get("timing"))
+    return (
+        lines
+        + (["", dimming] if dimming else [])
+        + (["", timing] if timing else [])
+        + tuning_lines(report.get("settings"))
+    )
+
+
+def timing_sentence(timing: object) -> str:
+    """Where the demo's wall time went (report.json `timing`, seconds), in minutes."""
+    if not isinstance(timing, dict) or number(timing.get("total")) == DASH:
+        return ""
+    stages = ", ".join(
+        f"{name.replace('_', ' ')} {value / 60:.1f}"
+        for name, value in timing.items()
+        if name not in ("total", "goals") and number(value) != DASH
+    )
+    return f"This report's demo run took {timing['total'] / 60:.1f} minutes ({stages})."
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,15 +10,21 @@ import math
 
 import pytest
 import safetensors
+import safetensors.torch
+import torch
 
 from ganrm_diffusers.cli.main import main as ganrm_main
 from ganrm_diffusers.demo.run import (
+    FLOW_FINETUNE_CANDIDATES,
     METHOD_GROUPS,
     PRUNING_RULE,
+    QUICK_FINETUNE,
+    TUNED_FLOW_FINETUNE,
     TUNED_PRUNING,
     DemoSettings,
     Generator,
     _pruning_choice,
+    _tune_finetune,
 )
 from ganrm_diffusers.generation.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME
 from ganrm_diffusers.reward.model import GANRewardModel
@@ -132,6 +138,27 @@ def test_the_flow_family_has_the_selection_rows_under_the_same_contract(demo_out
         assert (lora / DIFFUSERS_WEIGHT_NAME).is_file() and (lora / COMFYUI_WEIGHT_NAME).is_file(), name
         keys = safetensors.safe_open(str(lora / DIFFUSERS_WEIGHT_NAME), "pt").keys()
         assert all(key.startswith("transformer.") for key in keys), name
+    chosen = family["settings"]["tuning"]["finetune"]["chosen"]
+    assert {method: entry["label"] for method, entry in chosen.items()} == TUNED_FLOW_FINETUNE
+    assert methods["prdp"]["settings"]["epochs"] == QUICK_FINETUNE["prdp"]["epochs"]  # --quick's, over the choice
+    assert "Fine-tuning settings sft `" in (demo_out / "report.md").read_text()
+
+
+def test_tune_chooses_the_flow_generators_finetuning_on_its_tuning_seeds(reduced_world, tmp_path):
+    """`ganrm demo --tune` trains every flow candidate on the same candidates (sampled once, then shared with the
+    demo's own rows) and judges it on the flow tuning seeds beside base sampled there."""
+    settings = DemoSettings(out=tmp_path, quick=True, tune=True, tune_per_digit=1)  # as the flow family passes it
+    model = GANRewardModel(backbone=reduced_world.backbone, pretrained=None, hidden_sizes=(16,))
+    tuning: dict = {}
+    chosen = _tune_finetune(reduced_world, model, tuning, settings, ["sft", "dpo"], flow=True)
+    record = tuning["finetune"]
+    assert record["base"]["count"] == len(reduced_world.prompts)
+    for method in ("sft", "dpo"):
+        assert set(record[method]) == set(FLOW_FINETUNE_CANDIDATES[method])
+        assert chosen[method] in FLOW_FINETUNE_CANDIDATES[method]
+        assert all(row["count"] == len(reduced_world.prompts) for row in record[method].values())
+    cache = tmp_path / "finetune" / "sd3_flow" / "candidates"
+    assert len(list(cache.glob("candidates-*.safetensors"))) == 1  # four runs, one draw of the base's candidates
 
 
 def test_tune_sweeps_the_pruning_schedules_on_the_tuning_seeds(reduced_world, tmp_path):
@@ -162,6 +189,10 @@ def test_the_rounds_row_reports_every_round(demo_out):
     for key in ROW_FIELDS:
         assert math.isfinite(row[key]), key
     assert row["style_rate"] == rounds[-1]["style_rate"]  # the last round's generator is the row
+    # Round 0 ranked the very candidates DPO drew from G_0 (one draw, shared through the candidate cache).
+    round_0 = safetensors.torch.load_file(str(next((demo_out / "finetune/rounds/round-00/data").glob("set0-*"))))
+    drawn = [safetensors.torch.load_file(str(path)) for path in (demo_out / "finetune/candidates").glob("*")]
+    assert any(torch.equal(round_0["latents"], candidates["latents"]) for candidates in drawn)
     assert (demo_out / "rounds_curves.png").is_file() and "## GAN-RM rounds" in (demo_out / "report.md").read_text()
 
 

@@ -20,7 +20,9 @@ from ganrm_diffusers.generation.lora import (
     BASE_MODEL_METADATA_KEY,
     COMFYUI_WEIGHT_NAME,
     DIFFUSERS_WEIGHT_NAME,
+    adapters_are_identity,
     adapters_disabled,
+    adapters_skipped_while_identity,
     add_lora,
     check_lora_compatible,
     load_lora_into_pipeline,
@@ -61,6 +63,32 @@ def trained_lora(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"lora_{build.__name__}")
     paths = save_lora(pipe.unet, folder, pretrained_model="tiny/test-model")
     return {"build": build, "folder": folder, "paths": paths, "lora": unet_output(pipe.unet), "base": base}
+
+
+def test_an_untrained_lora_is_skipped_with_the_same_output_and_a_trained_one_is_not():
+    """A fresh LoRA's up-projections are zero, so it adds exact zeros (x + 0.0 == x in IEEE arithmetic): the first
+    round's candidates are sampled with the adapters switched off, and must be the very numbers of the adapted
+    model. Once trained, the adapters stay on."""
+    unet = tiny_sd_unet()
+    add_lora(unet, rank=RANK, alpha=ALPHA)
+    assert adapters_are_identity(unet)
+    adapted = unet_output(unet)
+    with adapters_skipped_while_identity(unet):
+        assert not any(layer.merged or not layer.disable_adapters for layer in _lora_layers(unet))
+        skipped = unet_output(unet)
+    assert torch.equal(adapted, skipped)
+    train_pretend(unet)
+    assert not adapters_are_identity(unet)
+    with adapters_skipped_while_identity(unet):
+        assert not any(layer.disable_adapters for layer in _lora_layers(unet))
+        trained = unet_output(unet)
+    with adapters_disabled(unet):
+        assert relative_error(trained, unet_output(unet)) > 1e-3  # the trained adapters did run
+    assert not adapters_are_identity(tiny_sd_unet())  # no adapters at all: nothing to skip
+
+
+def _lora_layers(model: torch.nn.Module) -> list:
+    return [module for module in model.modules() if isinstance(getattr(module, "lora_B", None), torch.nn.ModuleDict)]
 
 
 def test_save_writes_both_files_with_metadata_and_explicit_alpha(trained_lora):

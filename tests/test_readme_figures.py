@@ -52,6 +52,7 @@ def row(style: float, **extra: object) -> dict:
 def fake_report() -> dict:
     return {
         "world": {"build_seconds": 361.4},
+        "timing": {"world": 3.0, "reward_models_and_base": 90.0, "selection": 330.0, "goals": 0.1, "total": 423.1},
         "reward_model": {
             "auc": 0.9561,
             "auc_style_among_real": 0.9874,
@@ -137,6 +138,7 @@ def test_regions_rewritten_from_report_and_bench(inputs: dict[str, Path]) -> Non
     assert "pruning: chose 8to2_at30 (r); every candidate's figures are in report.json" in results
     assert "finetune: chose dpo beta_5000 (r) in an earlier tuning run on these seeds; this report holds no" in results
     assert "for 100% (GAN-RM, `reward_model`) and 50% (with brightness views" in results
+    assert "demo run took 7.1 minutes (world 0.1, reward models and base 1.5, selection 5.5)." in results
     names = ("base", "random_candidate", "best_of_8", "best_of_8_brightness_augmented_rm", "best_of_8_pruned")
     order = [results.index(f"`{name}`") for name in names]
     order += [results.index(f"`{name}`") for name in ("fk_4_particles", "sft", "dpo")]

@@ -20,6 +20,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 from tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 
+from ganrm_diffusers.generation.candidates import SampleSettings
 from ganrm_diffusers.generation.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, lora_state_dicts
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.training import dpo as train_dpo
@@ -436,6 +437,12 @@ def test_each_rounds_three_sample_sets_have_seeds_of_their_own():
             seeds = {first + prompt * count + j for prompt in range(prompts) for j in range(count)}
             assert not seeds & seen, (index, stream)
             seen |= seeds
+    # Round 0 ranks the candidates SFT and DPO draw from G_0 (`ganrm sample`'s seeds): a candidate cache shares them.
+    first = train_rounds.stream_seed(config, prompts, 0, train_rounds.SELECTION)
+    same = SampleSettings(num_candidates=8, seed=config.seed)
+    assert [first + prompt * 8 + j for prompt in range(prompts) for j in range(8)] == [
+        seed for prompt in range(prompts) for seed in same.seeds(prompt)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------------

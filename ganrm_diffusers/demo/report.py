@@ -164,7 +164,7 @@ accuracy {_cell(figures.get("class_accuracy"))}, style rate {_cell(figures.get("
 generator's samples): AUC target vs base {_cell(model.get("auc"))}, target vs other real digits
 {_cell(model.get("auc_style_among_real"))}. Rows on {family["evaluation"]["prompts"]} evaluation prompts, seeds
 {family["evaluation"]["seed_range"]}; pruning schedule `{pruning.get("chosen")}` chosen on tuning seeds
-{tuning["seed_range"]} ({_pruning_source(pruning)}).{_pruned_reading(family["methods"])}
+{tuning["seed_range"]} ({_pruning_source(pruning)}).{_pruned_reading(family["methods"])}{_finetune_choice(tuning)}
 
 {methods_table(family["methods"])}
 
@@ -174,6 +174,22 @@ generator's samples): AUC target vs base {_cell(model.get("auc"))}, target vs ot
 """
         )
     return "\n".join(sections)
+
+
+def _finetune_choice(tuning: dict) -> str:
+    """Which fine-tuning candidate each trainer runs, and whether this run swept them."""
+    finetune = tuning.get("finetune")
+    if not finetune or "chosen" not in finetune:
+        return ""
+    chosen = ", ".join(f"{method} `{entry['label']}`" for method, entry in finetune["chosen"].items())
+    source = (
+        "every candidate's figures are in report.json (`settings.tuning.finetune`)"
+        if "base" in finetune
+        else "the choice of an earlier `ganrm demo --tune` run on these seeds"
+    )
+    return (
+        f" Fine-tuning settings {chosen}, chosen on the same tuning seeds by the rule: {finetune['rule']} ({source})."
+    )
 
 
 def _pruning_source(pruning: dict) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 # on the stochastic flow step) on the world's second generator, a flow-matching SD3-shaped model, with its own
 # GAN-RM (report: families.sd3_flow).
 # "flow_finetune": SFT, DPO and PRDP on the flow generator (families.sd3_flow.methods.{sft,dpo,prdp}, LoRAs in
-# <out>/lora/sd3_flow/), at the UNet rows' chosen settings (not tuned for this generator yet); it needs "flow".
+# <out>/lora/sd3_flow/), at settings chosen on its own tuning seeds (FLOW_FINETUNE_CANDIDATES); it needs "flow".
 METHOD_GROUPS = ("selection", "fk", "flow", "flow_finetune", "sft", "dpo", "prdp", "rounds")
 # `make demo` (`ganrm demo` without --methods) runs these: all but "fk", whose stochastic runs (five on the UNet,
 # four on the flow generator) cost about 23 more CPU minutes, and "flow_finetune" (three more trainers), where make
@@ -61,6 +62,14 @@ FINETUNE_CANDIDATES = {
     "dpo": {"beta_2000": {"beta": 2000.0}, "beta_5000": {"beta": 5000.0}},
     "prdp": {"beta_10": {"beta": 10.0}, "beta_30": {"beta": 30.0}},
 }
+# The flow generator's candidates: its base draws almost no target digits (2-3 %), so the UNet rows' budgets
+# overshoot there (at DPO beta 5000 x 150 steps and PRDP 24 epochs, 17x base's style rate on its evaluation seeds,
+# with 3.5 and 6 points more faint digits); gentler and shorter runs, each within the demo's time.
+FLOW_FINETUNE_CANDIDATES = {
+    "sft": {"steps_75": {"max_train_steps": 75}, "steps_150": {"max_train_steps": 150}},
+    "dpo": {"beta_5000_steps_50": {"beta": 5000.0, "max_train_steps": 50}, "beta_20000": {"beta": 20000.0}},
+    "prdp": {"epochs_6": {"epochs": 6, "eval_every": 3}, "epochs_12": {"epochs": 12}},
+}
 ROUNDS_FOLLOW = "dpo"  # the rounds row fine-tunes with DPO at the DPO row's chosen beta
 # The second reward model of the report (`reward_model_brightness_augmented`): brightness views of every training
 # image (reward.training.add_brightness_views). Chosen on the tuning seeds (200 prompts x 8 candidates from
@@ -80,6 +89,7 @@ TUNING_RULE = (
 # digits, 5000 14.5 %, against 1.5 % for base, so the rule took the one losing least class accuracy). PRDP: not yet
 # tuned (that run was stopped before its candidates finished); beta 30 is the trainer's default.
 TUNED_FINETUNE = {"sft": "steps_75", "dpo": "beta_5000", "prdp": "beta_30"}
+TUNED_FLOW_FINETUNE = {"sft": "steps_75", "dpo": "beta_5000_steps_50", "prdp": "epochs_6"}
 # The pruning schedule (selection_study.PRUNE_CANDIDATES) chosen by PRUNING_RULE from one probe run of best-of-8 on
 # the tuning seeds, per generator: `ganrm demo --tune` runs the sweep again and uses its choice. Both chose 8to2_at30
 # on the world of seed 0 (UNet: 200 tuning prompts; flow: 100, keeping 0.96 of the reward gain at 0.49x cost).
@@ -292,7 +302,9 @@ def _world(settings: DemoSettings) -> object:
 def run_demo(settings: DemoSettings) -> dict:
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
+    demo_started = time.perf_counter()
     world = _world(settings)
+    world_seconds = time.perf_counter() - demo_started  # a build, when the world was missing
     pipe = world.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(settings.seed)
@@ -345,19 +357,30 @@ def run_demo(settings: DemoSettings) -> dict:
             "tuning": {"seed_range": settings.tuning.describe()["seed_range"], "prompts": len(settings.tuning.digits)},
         },
     }
+    # Where the demo's wall time went (seconds): the world (built or loaded), then each stage as it ends.
+    timing = report["timing"] = {"world": world_seconds, "reward_models_and_base": time.perf_counter() - demo_started}
     write_report(report, out)  # the first results are worth keeping even if a later step fails
 
+    def stage(name: str, started: float) -> None:
+        timing[name] = time.perf_counter() - started
+        timing["total"] = time.perf_counter() - demo_started
+        write_report(report, out)
+
     if "selection" in settings.methods or "fk" in settings.methods:
+        started = time.perf_counter()
         _selection_rows(world, reward_model, rows, report, settings, augmented_model)
-        write_report(report, out)
+        stage("selection", started)
     if "flow" in settings.methods:
+        started = time.perf_counter()
         report.setdefault("families", {})[FLOW_FAMILY] = _flow_family(world, settings)
-        write_report(report, out)
+        stage("flow", started)
     finetune_methods = [method for method in ("sft", "dpo", "prdp", "rounds") if method in settings.methods]
     if finetune_methods:
+        started = time.perf_counter()
         _finetune_rows(world, reward_model, rows, report, settings, finetune_methods)
+        stage("finetune", started)
     report["goals"] = goals(report["methods"], settings.num_candidates)
-    write_report(report, out)
+    stage("goals", time.perf_counter())
     return report
 
 
@@ -532,18 +555,19 @@ def _flow_family(world: object, settings: DemoSettings) -> dict:
 def _flow_finetune_rows(
     world: object, reward_model: GANRewardModel, rows: Rows, family: dict, settings: DemoSettings
 ) -> None:
-    """SFT, DPO and PRDP on the flow generator with its own GAN-RM, judged on the family's evaluation set beside
-    its base; each LoRA (diffusers and ComfyUI files) in <out>/lora/<FLOW_FAMILY>/<method>/."""
+    """SFT, DPO and PRDP on the flow generator with its own GAN-RM, at settings chosen on its own tuning seeds
+    (FLOW_FINETUNE_CANDIDATES), judged on the family's evaluation set beside its base; each LoRA (diffusers and
+    ComfyUI files) in <out>/lora/<FLOW_FAMILY>/<method>/."""
     from ganrm_diffusers.demo.finetune_study import training_rows
 
-    methods = ("sft", "dpo", "prdp")
-    overrides = {method: dict(FINETUNE_CANDIDATES[method][TUNED_FINETUNE[method]]) for method in methods}
-    if settings.quick:
-        overrides = {method: {**overrides[method], **QUICK_FINETUNE[method]} for method in methods}
-    family["settings"]["finetune"] = {
-        "overrides": overrides,
-        "note": "the UNet rows' chosen settings; not tuned on this generator's tuning seeds yet",
-    }
+    methods = ["sft", "dpo", "prdp"]
+    tuning = family["settings"]["tuning"]
+    chosen = (
+        _tune_finetune(world, reward_model, tuning, settings, methods, flow=True)
+        if settings.tune
+        else TUNED_FLOW_FINETUNE
+    )
+    overrides = _chosen_overrides(tuning, FLOW_FINETUNE_CANDIDATES, chosen, methods, settings.quick)
     trained = training_rows(
         world,
         reward_model,
@@ -557,6 +581,20 @@ def _flow_finetune_rows(
     )
     for method, (samples, info) in trained.items():
         rows.add_samples(method, samples, baseline="base", extra=info)
+
+
+def _chosen_overrides(
+    tuning: dict, candidates: dict[str, dict], chosen: dict[str, str], methods: list[str], quick: bool
+) -> dict[str, dict]:
+    """Record the chosen candidate of each method in the report's tuning section; their config overrides (with
+    `--quick`'s few steps on top)."""
+    tuning.setdefault("finetune", {"rule": TUNING_RULE})["chosen"] = {
+        method: {"label": chosen[method], "overrides": candidates[method][chosen[method]]} for method in methods
+    }
+    overrides = {method: dict(candidates[method][chosen[method]]) for method in methods}
+    if quick:
+        overrides = {method: {**overrides[method], **QUICK_FINETUNE[method]} for method in methods}
+    return overrides
 
 
 def _kept(row: dict, full: dict, baseline: dict) -> dict:
@@ -579,15 +617,20 @@ def _finetune_rows(
     from ganrm_diffusers.demo.finetune_study import training_rows
 
     tuned = [method for method in methods if method in FINETUNE_CANDIDATES]
-    chosen = _tune_finetune(world, reward_model, report, settings, tuned) if settings.tune else TUNED_FINETUNE
-    report["settings"]["tuning"].setdefault("finetune", {"rule": TUNING_RULE})["chosen"] = {
-        method: {"label": chosen[method], "overrides": FINETUNE_CANDIDATES[method][chosen[method]]} for method in tuned
-    }
-    overrides = {method: dict(FINETUNE_CANDIDATES[method][chosen[method]]) for method in tuned}
+    tuning = report["settings"]["tuning"]
+    chosen = (
+        _tune_finetune(
+            world, reward_model, tuning, settings, tuned, on_update=lambda: write_report(report, settings.out)
+        )
+        if settings.tune
+        else TUNED_FINETUNE
+    )
+    overrides = _chosen_overrides(tuning, FINETUNE_CANDIDATES, chosen, tuned, settings.quick)
     if "rounds" in methods:  # no settings of its own to tune: it follows the DPO row's choice
-        overrides["rounds"] = {"beta": FINETUNE_CANDIDATES[ROUNDS_FOLLOW][chosen[ROUNDS_FOLLOW]]["beta"]}
-    if settings.quick:
-        overrides = {method: {**overrides[method], **QUICK_FINETUNE[method]} for method in methods}
+        overrides["rounds"] = {
+            "beta": FINETUNE_CANDIDATES[ROUNDS_FOLLOW][chosen[ROUNDS_FOLLOW]]["beta"],
+            **(QUICK_FINETUNE["rounds"] if settings.quick else {}),
+        }
     trained = training_rows(
         world,
         reward_model,
@@ -599,14 +642,15 @@ def _finetune_rows(
     )
     for method, (samples, info) in trained.items():
         if method == "rounds":
-            report["rounds"] = _round_by_round(world, rows, settings, info)
+            report["rounds"] = _round_by_round(world, rows, settings, info, samples)
         rows.add_samples(method, samples, baseline="base", extra=info)
         write_report(report, settings.out)
 
 
-def _round_by_round(world: object, rows: Rows, settings: DemoSettings, info: dict) -> list[dict]:
+def _round_by_round(world: object, rows: Rows, settings: DemoSettings, info: dict, final: SampleSet) -> list[dict]:
     """Each round's generator G_{t+1} (its round's LoRA) judged on the evaluation set, beside its discriminator's
-    held-out AUCs against the generator it was trained on (G_t) and against the base (G_0); drawn as curves."""
+    held-out AUCs against the generator it was trained on (G_t) and against the base (G_0); drawn as curves. The
+    last round's LoRA is the run's final one, whose evaluation samples (`final`, the `rounds` row) are reused."""
     from ganrm_diffusers.generation.lora import load_lora_into_pipeline
     from ganrm_diffusers.utils.plots import plot_metric_curves
 
@@ -614,10 +658,13 @@ def _round_by_round(world: object, rows: Rows, settings: DemoSettings, info: dic
     summary = json.loads((run_dir / "metrics.json").read_text())
     entries = []
     for entry in summary["rounds"]:
-        pipe = world.load_pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        load_lora_into_pipeline(pipe, run_dir / f"round-{entry['round']:02d}" / "lora")
-        samples = sample_digits(pipe, world, settings.evaluation, settings.batch_size, f"round {entry['round']}")
+        samples = final
+        if entry is not summary["rounds"][-1]:
+            pipe = world.load_pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            load_lora_into_pipeline(pipe, run_dir / f"round-{entry['round']:02d}" / "lora")
+            pipe.fuse_lora()
+            samples = sample_digits(pipe, world, settings.evaluation, settings.batch_size, f"round {entry['round']}")
         judged = evaluate(world.judges, samples.images, samples.digits, rows.reference)
         entries.append(
             {
@@ -644,24 +691,34 @@ def _round_by_round(world: object, rows: Rows, settings: DemoSettings, info: dic
 
 
 def _tune_finetune(
-    world: object, reward_model: GANRewardModel, report: dict, settings: DemoSettings, methods: list[str]
+    world: object,
+    reward_model: GANRewardModel,
+    tuning: dict,
+    settings: DemoSettings,
+    methods: list[str],
+    flow: bool = False,
+    on_update: Callable[[], None] = lambda: None,
 ) -> dict[str, str]:
-    """Train every candidate of FINETUNE_CANDIDATES and judge it on the tuning seeds; returns the chosen labels."""
+    """Train every candidate of FINETUNE_CANDIDATES (FLOW_FINETUNE_CANDIDATES with `flow`) and judge it on the
+    tuning seeds beside base sampled there; every candidate's figures go in `tuning`. Returns the chosen labels."""
     from ganrm_diffusers.demo.finetune_study import training_rows
 
     plan = settings.tuning
-    pipe = world.load_pipeline()
+    candidates = FLOW_FINETUNE_CANDIDATES if flow else FINETUNE_CANDIDATES
+    family = FLOW_FAMILY if flow else ""
+    pipe = world.load_flow_pipeline() if flow else world.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    base = sample_digits(pipe, world, plan, settings.batch_size, "tuning base")
+    sampling = world.flow_sampling_kwargs if flow else world.sampling_kwargs
+    base = sample_digits(pipe, world, plan, settings.batch_size, f"{family} tuning base".strip(), sampling)
     targets, _ = world.heldout_target_images()
     reference = Reference.of(world.judges, targets)
     base_row = evaluate(world.judges, base.images, base.digits, reference)
-    record = report["settings"]["tuning"].setdefault("finetune", {"rule": TUNING_RULE})
+    record = tuning.setdefault("finetune", {"rule": TUNING_RULE})
     record["base"] = base_row
     chosen = {}
     for method in methods:
         results = {}
-        for label, values in FINETUNE_CANDIDATES[method].items():
+        for label, values in candidates[method].items():
             extra = QUICK_FINETUNE[method] if settings.quick else {}
             trained = training_rows(
                 world,
@@ -672,12 +729,16 @@ def _tune_finetune(
                 prompt_repeats=2 if settings.quick else 20,
                 overrides={method: {**values, **extra}},
                 label=f"{method}_{label}",
+                flow=flow,
+                family=family,
+                # the demo's rows train on these very candidates (the same prompts, seeds and base model)
+                candidate_cache=settings.out / "finetune" / family / "candidates",
             )
             samples, _ = trained[method]
             results[label] = evaluate(world.judges, samples.images, samples.digits, reference)
         record[method] = results
         chosen[method] = _choose(results, base_row)
-        write_report(report, settings.out)
+        on_update()
     return chosen
 
 

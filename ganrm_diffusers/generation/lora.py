@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,6 +157,27 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.enable_adapters()
+
+
+def adapters_are_identity(model: torch.nn.Module) -> bool:
+    """True while every LoRA up-projection (lora_B) is exactly zero, as `add_lora` leaves it: the adapters then add
+    exact zeros, so running with them switched off gives the same numbers at less cost."""
+    ups = [
+        parameter
+        for module in unwrap_model(model).modules()
+        if isinstance(getattr(module, "lora_B", None), torch.nn.ModuleDict)
+        for up in module.lora_B.values()
+        for parameter in up.parameters()
+    ]
+    return bool(ups) and not any(torch.any(parameter) for parameter in ups)
+
+
+@contextmanager
+def adapters_skipped_while_identity(model: torch.nn.Module) -> Iterator[None]:
+    """Switch the adapters off while they are the identity (an untrained LoRA: the first round's samples); else run
+    the model as it is."""
+    with adapters_disabled(model) if adapters_are_identity(model) else nullcontext():
+        yield
 
 
 def denoiser_prefix(model: torch.nn.Module) -> str:

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ganrm_diffusers.generation.candidates import SampleSettings, read_prompts_file, read_records
+from ganrm_diffusers.generation.lora import adapters_are_identity, adapters_skipped_while_identity
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError
 from ganrm_diffusers.training.run import DATA_DIR, FinetuneRun
@@ -155,12 +156,16 @@ def candidates_key(
 ) -> str:
     """What decides a set of sampled candidates: the pipeline, the LoRA's current weights, the sampler's settings,
     the prompts with their indices (which fix the seeds) and the candidate count. Two runs with the same key sample
-    the same images, so `--candidate_cache` lets the second reuse the first's (SFT and DPO on one pool)."""
+    the same images, so `--candidate_cache` lets the second reuse the first's (SFT, DPO and the first of the rounds on
+    one pool)."""
     config = run.config
     digest = hashlib.sha256()
-    for name, value in sorted(lora_weights(run.model).items()):
-        digest.update(name.encode())
-        digest.update(value.float().numpy().tobytes())
+    if adapters_are_identity(run.denoiser):  # an untrained LoRA: the base model, whatever its down-projections
+        digest.update(b"identity")
+    else:
+        for name, value in sorted(lora_weights(run.model).items()):
+            digest.update(name.encode())
+            digest.update(value.float().numpy().tobytes())
     settings = {
         "pretrained_model": str(Path(config.pretrained_model).resolve())
         if Path(config.pretrained_model).exists()
@@ -208,20 +213,21 @@ def _sample_candidates(
     pairs = list(zip(prompts, prompt_indices, strict=True))
     latents, images = [], []
     run.model.eval()
-    for start in tqdm(
-        range(0, len(pairs), per_call),
-        desc="sampling candidates",
-        disable=not run.accelerator.is_local_main_process,
-    ):
-        part = pairs[start : start + per_call]
-        # the seeds rule of `ganrm sample`, so both give the same images
-        rule = SampleSettings(num_candidates=num_candidates, seed=seed)
-        seeds = [s for _, index in part for s in rule.seeds(index)]
-        trajectory = run.sampler.sample(
-            [text for text, _ in part], seeds, height=run.config.resolution, width=run.config.resolution
-        )
-        latents.append(trajectory.latents[:, -1].float().cpu())
-        images.append(trajectory.images.cpu())
+    with adapters_skipped_while_identity(run.denoiser):
+        for start in tqdm(
+            range(0, len(pairs), per_call),
+            desc="sampling candidates",
+            disable=not run.accelerator.is_local_main_process,
+        ):
+            part = pairs[start : start + per_call]
+            # the seeds rule of `ganrm sample`, so both give the same images
+            rule = SampleSettings(num_candidates=num_candidates, seed=seed)
+            seeds = [s for _, index in part for s in rule.seeds(index)]
+            trajectory = run.sampler.sample(
+                [text for text, _ in part], seeds, height=run.config.resolution, width=run.config.resolution
+            )
+            latents.append(trajectory.latents[:, -1].float().cpu())
+            images.append(trajectory.images.cpu())
     run.model.train()
     return torch.cat(latents), torch.cat(images)
 

@@ -53,7 +53,7 @@ from ganrm_diffusers.utils.atomic import save_tensors_atomic, write_json_atomic
 from ganrm_diffusers.utils.plots import plot_metric_curves
 
 # The three sample sets of a round, each from seeds of its own (see `stream_seed`).
-NEGATIVES, POOL, SELECTION = 0, 1, 2
+SELECTION, NEGATIVES, POOL = 0, 1, 2
 
 
 @dataclass
@@ -122,9 +122,11 @@ def new_reward_model(config: RoundsConfig) -> GANRewardModel:
 
 def stream_seed(config: RoundsConfig, prompts: int, index: int, stream: int) -> int:
     """The first seed of sample set `stream` of round `index`: blocks that never overlap (prompt i's candidates get
-    seeds first + i * count + j, below first + block)."""
+    seeds first + i * count + j, below first + block). Round 0's selection pool takes the first block: the seeds
+    `ganrm sample` and the SFT and DPO trainers give the same prompts, so G_0's candidates are the ones those draw
+    (and a `--candidate_cache` they filled serves them)."""
     block = prompts * max(config.num_candidates, config.rm_negatives_per_prompt, config.rm_pool_per_prompt)
-    return config.seed + (3 * index + stream + 1) * block
+    return config.seed + (3 * index + stream) * block
 
 
 def sample_set(
