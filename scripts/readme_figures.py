@@ -255,7 +255,7 @@ def timing_sentence(timing: object) -> str:
     stages = ", ".join(
         f"{name.replace('_', ' ')} {value / 60:.1f}"
         for name, value in timing.items()
-        if name not in ("total", "goals") and number(value) != DASH
+        if name != "total" and number(value) != DASH
     )
     return f"This report's demo run took {timing['total'] / 60:.1f} minutes ({stages})."
 

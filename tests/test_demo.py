@@ -189,10 +189,19 @@ def test_the_rounds_row_reports_every_round(demo_out):
     for key in ROW_FIELDS:
         assert math.isfinite(row[key]), key
     assert row["style_rate"] == rounds[-1]["style_rate"]  # the last round's generator is the row
-    # Round 0 ranked the very candidates DPO drew from G_0 (one draw, shared through the candidate cache).
-    round_0 = safetensors.torch.load_file(str(next((demo_out / "finetune/rounds/round-00/data").glob("set0-*"))))
-    drawn = [safetensors.torch.load_file(str(path)) for path in (demo_out / "finetune/candidates").glob("*")]
-    assert any(torch.equal(round_0["latents"], candidates["latents"]) for candidates in drawn)
+    # The row is the last round's generator: its LoRA is that round's.
+    last = demo_out / "finetune" / "rounds" / f"round-{rounds[-1]['round']:02d}" / "lora" / DIFFUSERS_WEIGHT_NAME
+    final = safetensors.torch.load_file(str(demo_out / "lora" / "rounds" / DIFFUSERS_WEIGHT_NAME))
+    assert all(torch.equal(final[key], value) for key, value in safetensors.torch.load_file(str(last)).items())
+    # Round 0 ranked the very candidates SFT and DPO drew from G_0: one draw in the cache per round's selection pool.
+    prompts = len((demo_out / "finetune" / "prompts.txt").read_text().splitlines())
+    cache = (demo_out / "finetune" / "candidates").glob("candidates-*.safetensors")
+    pools = [
+        path
+        for path in cache
+        if safetensors.safe_open(str(path), "pt").get_slice("latents").get_shape()[0] == 8 * prompts
+    ]
+    assert len(pools) == len(rounds)
     assert (demo_out / "rounds_curves.png").is_file() and "## GAN-RM rounds" in (demo_out / "report.md").read_text()
 
 

@@ -409,7 +409,7 @@ def test_rounds_keep_every_rounds_reward_model_and_lora(assets, tmp_path, tiny_b
     # Each round's discriminator was trained against that round's generator, and is measured against it and G_0.
     for index, entry in enumerate(summary["rounds"]):
         data = out / f"round-{index:02d}" / "data"
-        assert {path.name.split("-")[0] for path in data.glob("*.safetensors")} == {"set0", "set1", "set2"}
+        assert {path.name.split("-")[0] for path in data.glob("*.safetensors")} == {"selection", "negatives", "pool"}
         assert 0 <= entry["auc_vs_current"] <= 1 and 0 <= entry["auc_vs_base"] <= 1
         assert {"mean", "std", "p10", "p50", "p90"} <= set(entry["selection_rewards"])
     assert summary["rounds"][0]["auc_vs_current"] == summary["rounds"][0]["auc_vs_base"]  # G_0 is the base

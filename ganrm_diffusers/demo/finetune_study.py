@@ -61,7 +61,8 @@ def demo_configs(
         "eval_prompts": 10,
         "eval_samples_per_prompt": 4,
         "sample_batch_size": 128,
-        # SFT and DPO rank the same candidates (same prompts, seeds and base model): sampled once, kept here.
+        # SFT, DPO, their tuning runs and round 0 of the rounds rank the same candidates (same prompts, seeds and
+        # base model): sampled once, kept here.
         "candidate_cache": str(candidate_cache or run_root / "candidates"),
     }
     return {
@@ -172,7 +173,9 @@ def training_rows(
         pipe = world.load_flow_pipeline() if flow else world.load_pipeline()
         pipe.set_progress_bar_config(disable=True)
         load_lora_into_pipeline(pipe, lora_dir)
-        pipe.fuse_lora()  # into the weights, as users deploy a LoRA: the same images within 1e-6, sampled faster
+        # Fused into the weights, as users deploy a LoRA: sampled faster, the same images within 1e-6 (measured: 9.8e-7
+        # at most over 64 images of the world's DPO LoRA)
+        pipe.fuse_lora()
         samples = sample_digits(pipe, world, plan, batch_size, f"{family} {name} evaluation".strip(), sampling)
         rows[method] = (
             samples,

@@ -103,7 +103,8 @@ def _rounds_section(rounds: list[dict] | None) -> str:
     lines = [
         "## GAN-RM rounds (row `rounds`)",
         "Round t trains a fresh discriminator R_t on the target digits against G_t's samples, then DPO on R_t's best"
-        " and worst of 8 fresh candidates gives G_{t+1}; the same total DPO steps as the `dpo` row. AUCs are held"
+        " and worst of 8 candidates gives G_{t+1} (round 0's are G_0's candidates of the `dpo` row, later rounds' are"
+        " fresh); the same total DPO steps as the `dpo` row. AUCs are held"
         " out: R_t against the G_t it was trained on, R_{t-1} against G_t (how far the generator moved past the last"
         " discriminator), and R_t against G_0. Judges: G_{t+1} on the evaluation set. Curves: `rounds_curves.png`.",
         "",

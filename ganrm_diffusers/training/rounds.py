@@ -52,8 +52,9 @@ from ganrm_diffusers.training.state import load_lora_weights_into, lora_weights,
 from ganrm_diffusers.utils.atomic import save_tensors_atomic, write_json_atomic
 from ganrm_diffusers.utils.plots import plot_metric_curves
 
-# The three sample sets of a round, each from seeds of its own (see `stream_seed`).
+# The three sample sets of a round, each from seeds of its own (see `stream_seed`), kept under their names.
 SELECTION, NEGATIVES, POOL = 0, 1, 2
+STREAM_NAMES = ("selection", "negatives", "pool")
 
 
 @dataclass
@@ -138,7 +139,7 @@ def sample_set(
     seed = stream_seed(config, len(prompts), index, stream)
 
     def part_path(rank: int, processes: int) -> Path:
-        return folder / f"set{stream}-{rank}-of-{processes}.safetensors"
+        return folder / f"{STREAM_NAMES[stream]}-{rank}-of-{processes}.safetensors"
 
     def compute(mine: list) -> torch.Tensor:
         return sample_candidates(run, [prompts[i] for i in mine], mine, count, seed)[0]
