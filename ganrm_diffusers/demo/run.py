@@ -42,9 +42,10 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 # "flow_finetune": SFT, DPO and PRDP on the flow generator (families.sd3_flow.methods.{sft,dpo,prdp}, LoRAs in
 # <out>/lora/sd3_flow/), at settings chosen on its own tuning seeds (FLOW_FINETUNE_CANDIDATES); it needs "flow".
 METHOD_GROUPS = ("selection", "fk", "flow", "flow_finetune", "sft", "dpo", "prdp", "rounds")
-# `make demo` (`ganrm demo` without --methods) runs these, which keep it within 45 minutes on 2 CPU cores from a
-# fresh clone (the world build is 17 of them): best-of-N and pruning on both generators, and SFT, DPO and PRDP on the
-# flow-matching one, today's model family. The other groups are opt-in (`--methods` adds them): "fk" (the
+# `make demo` (`ganrm demo` without --methods) runs these, chosen for the 45-minute budget on 2 CPU cores from a
+# fresh clone, world build (17-23 of them) included: best-of-N and pruning on both generators, and SFT, DPO and PRDP
+# on the flow-matching one, today's model family (measured from scratch: 49 minutes on a slow afternoon, about 40 at
+# the morning's speed; report.json `timing`). The other groups are opt-in (`--methods` adds them): "fk" (the
 # stochastic runs, about 23 CPU minutes), and the UNet generator's "sft", "dpo", "prdp" and "rounds" (GAN-RM's round
 # loop), 24 CPU minutes together in the last full run, whose figures are in the issue notes.
 DEFAULT_METHODS = ("selection", "flow", "flow_finetune")
