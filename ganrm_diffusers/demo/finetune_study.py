@@ -32,17 +32,27 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 METHODS = ("sft", "dpo", "prdp", "rounds")
 
 
+def finetune_root(out_dir: Path, family: str = "") -> Path:
+    """The folder of the demo's fine-tuning runs on one generator (`family`; "" for the UNet one)."""
+    return out_dir / "finetune" / family
+
+
+def candidate_cache_dir(out_dir: Path, family: str = "") -> Path:
+    """Where those runs keep the candidates they draw from the generator's base model."""
+    return finetune_root(out_dir, family) / "candidates"
+
+
 def demo_configs(
     world: object,
     prompts_file: Path,
     run_root: Path,
+    candidate_cache: Path,
     pipeline_dir: Path | None = None,
     sampling: dict | None = None,
-    candidate_cache: Path | None = None,
 ) -> dict:
     """The world's fine-tuning settings of each method (see the module docstring and the team notes), for the
     generator at `pipeline_dir` sampled with `sampling` (default: the world's UNet generator and its settings);
-    SFT and DPO keep their candidates in `candidate_cache` (default `<run_root>/candidates`)."""
+    SFT and DPO keep their candidates in `candidate_cache`."""
     from ganrm_diffusers.training.dpo import DPOConfig
     from ganrm_diffusers.training.prdp import PRDPConfig
     from ganrm_diffusers.training.rounds import RoundsConfig
@@ -63,7 +73,7 @@ def demo_configs(
         "sample_batch_size": 128,
         # SFT, DPO, their tuning runs and round 0 of the rounds rank the same candidates (same prompts, seeds and
         # base model): sampled once, kept here.
-        "candidate_cache": str(candidate_cache or run_root / "candidates"),
+        "candidate_cache": str(candidate_cache),
     }
     return {
         "sft": SFTConfig(
@@ -144,16 +154,17 @@ def training_rows(
     tuning candidate); `label` names the LoRA folder (`<out>/lora/<label>/`, default the method). `flow`: fine-tune
     the world's flow-matching generator instead of its UNet one, its runs and LoRAs under `family/`
     (`<out>/lora/<family>/<method>/`). SFT and DPO draw their candidates through
-    `candidate_cache` (default `<out>/finetune/<family>/candidates`): the same prompts, seeds and base model give the
+    `candidate_cache` (default `candidate_cache_dir(out_dir, family)`): the same prompts, seeds and base model give the
     same candidates, sampled once."""
     out_dir = Path(out_dir)
-    run_root = out_dir / "finetune" / family
+    run_root = finetune_root(out_dir, family)
     run_root.mkdir(parents=True, exist_ok=True)
     prompts_file = run_root / "prompts.txt"
     prompts_file.write_text("".join(f"{prompt}\n" for _ in range(prompt_repeats) for prompt in world.prompts))
     sampling = world.flow_sampling_kwargs if flow else world.sampling_kwargs
     pipeline_dir = world.flow_pipeline_dir if flow else world.pipeline_dir
-    configs = demo_configs(world, prompts_file, run_root, pipeline_dir, sampling, candidate_cache)
+    cache = candidate_cache or candidate_cache_dir(out_dir, family)
+    configs = demo_configs(world, prompts_file, run_root, cache, pipeline_dir, sampling)
     rows = {}
     for method in methods:
         config = replace(configs[method], **(overrides or {}).get(method, {}))

@@ -716,7 +716,7 @@ def _tune_finetune(
 ) -> dict[str, str]:
     """Train every candidate of FINETUNE_CANDIDATES (FLOW_FINETUNE_CANDIDATES with `flow`) and judge it on the
     tuning seeds beside base sampled there; every candidate's figures go in `tuning`. Returns the chosen labels."""
-    from ganrm_diffusers.demo.finetune_study import training_rows
+    from ganrm_diffusers.demo.finetune_study import candidate_cache_dir, training_rows
 
     plan = settings.tuning
     candidates = FLOW_FINETUNE_CANDIDATES if flow else FINETUNE_CANDIDATES
@@ -748,7 +748,7 @@ def _tune_finetune(
                 flow=flow,
                 family=family,
                 # the demo's rows train on these very candidates (the same prompts, seeds and base model)
-                candidate_cache=settings.out / "finetune" / family / "candidates",
+                candidate_cache=candidate_cache_dir(settings.out, family),
             )
             samples, _ = trained[method]
             results[label] = evaluate(world.judges, samples.images, samples.digits, reference)
