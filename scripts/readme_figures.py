@@ -108,6 +108,7 @@ COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
     ("kid_to_target", _plain("kid_to_target")),
     ("diversity", _plain("diversity")),
     ("unet_evaluations", _plain("unet_evaluations")),
+    ("style_gain_kept [95 % CI]", _with_interval("style_gain_kept")),
 )
 
 
@@ -213,6 +214,9 @@ def tuned(key: str, value: object) -> str:
 LEGEND = (
     "`style_rate` with its 95 % bootstrap interval; `style_ratio`: the row's style_rate over its baseline's, with its "
     "95 % interval ([undefined] where the baseline drew no styled image in some bootstrap resamples); "
+    "`random_candidate`: one of the N candidates at random, the same cost as best-of-N without the reward, its rates "
+    "the expectation over the draw (each prompt's N candidates averaged); `style_gain_kept`: the share of best-of-N's "
+    "style gain over it that pruning keeps, with its paired 95 % interval; "
     f"`unet_evaluations`: latents through the UNet (or transformer); {DASH}: not measured for that row."
 )
 

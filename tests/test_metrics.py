@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ganrm_diffusers.world.metrics import diversity, interval, kid, paired_ratio
+from ganrm_diffusers.world.metrics import diversity, expected_verdicts, interval, kid, paired_ratio, paired_share
 
 
 def _kid_by_definition(x: np.ndarray, y: np.ndarray) -> float:
@@ -62,3 +62,51 @@ def test_paired_ratio_resamples_pairs_together():
     assert ratio == pytest.approx(doubled.mean() / baseline.mean())
     assert 1.0 <= low <= ratio <= high
     assert paired_ratio(baseline, baseline) == (1.0, [1.0, 1.0])  # identical pairs: no spread at all
+
+
+def test_paired_share_is_the_kept_share_of_the_gain_with_a_paired_interval():
+    rng = np.random.default_rng(4)
+    baseline = rng.random(300) * 0.2  # per-prompt expected rates of a random pick
+    full = np.clip(baseline + rng.random(300) * 0.5, 0, 1)
+    half = baseline + 0.5 * (full - baseline)
+    share, (low, high) = paired_share(half, full, baseline)
+    assert share == pytest.approx(0.5, rel=1e-12)
+    assert low == pytest.approx(0.5, rel=1e-9) and high == pytest.approx(0.5, rel=1e-9)  # exact in every resample
+    noisy = baseline + (full - baseline) * (rng.random(300) < 0.8)  # keeps the whole gain on about 80 % of prompts
+    share, (low, high) = paired_share(noisy, full, baseline)
+    assert share == pytest.approx((noisy - baseline).mean() / (full - baseline).mean())
+    assert low < share < high and 0.6 < low and high < 1.0
+    # No gain at all: the share and its interval are undefined, not a number that could pass a bar.
+    share, bounds = paired_share(baseline, baseline, baseline)
+    assert np.isnan(share) and all(np.isnan(bounds))
+
+
+class _CountingJudges:
+    """Judges whose verdicts are read off the image: style = mean > 0.5, faint = mean < 0.1, never blank,
+    correct when the first pixel encodes the digit."""
+
+    def has_style(self, images):
+        return images.mean(dim=(1, 2, 3)) > 0.5
+
+    def is_faint(self, images):
+        return images.mean(dim=(1, 2, 3)) < 0.1
+
+    def is_blank(self, images):
+        return torch.zeros(len(images), dtype=torch.bool)
+
+    def is_correct(self, images, digits):
+        return (images[:, 0, 0, 0] * 10).round().numpy().astype(int) == np.asarray(digits)
+
+
+def test_expected_verdicts_average_each_prompts_candidates():
+    digits = np.array([3, 7])
+    candidates = torch.zeros(2 * 4, 1, 2, 2)
+    candidates[[0, 1, 2], :, 1, :] = 1.0  # a row of ink on three of prompt 0's candidates
+    candidates[:, 0, 0, 0] = torch.tensor([0.3, 0.3, 0.0, 0.3, 0.7, 0.7, 0.7, 0.0])
+    verdicts = expected_verdicts(_CountingJudges(), candidates, digits)
+    styled = (candidates.mean(dim=(1, 2, 3)) > 0.5).double().view(2, 4).mean(dim=1).numpy()
+    assert verdicts["style"].tolist() == styled.tolist()
+    assert verdicts["correct"].tolist() == [0.75, 0.75]
+    assert verdicts["blank"].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="not N per prompt"):
+        expected_verdicts(_CountingJudges(), candidates[:7], digits)

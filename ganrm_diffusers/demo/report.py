@@ -15,21 +15,29 @@ def goals(methods: dict[str, dict], num_candidates: int = 8) -> list[dict]:
     full, random = methods.get(f"best_of_{num_candidates}"), methods.get("random_candidate")
     base = methods.get("base")
 
-    def check(name: str, value: float, bar: str, met: bool) -> None:
+    def check(name: str, value: float, bar: str, met: bool, interval: list[float] | None = None) -> None:
         checks.append({"goal": name, "value": value, "bar": bar, "met": bool(met)})
+        if interval is not None:
+            checks[-1]["value_ci95"] = interval
+
+    def ratio_check(name: str, row: dict, bar: float) -> None:
+        ratio = row["style_ratio"]
+        check(name, ratio, f">= {bar:g}", ratio >= bar, row.get("style_ratio_ci95"))
 
     if full and random:
-        check("best-of-8 style rate / random pick", full["style_ratio"], ">= 3", full["style_ratio"] >= 3)
+        ratio_check("best-of-8 style rate / random pick", full, 3)
     pruned = methods.get(f"best_of_{num_candidates}_pruned")
     if pruned and full:
         check(
             "pruned best-of-8 UNet evaluations / best-of-8", pruned["unet_cost"], "<= 0.5", pruned["unet_cost"] <= 0.5
         )
-        kept = pruned["style_gain_kept"]
-        check("pruned best-of-8 share of the style gain kept", kept, ">= 0.9", kept >= 0.9)
+        for gain in ("style", "reward"):
+            kept = pruned[f"{gain}_gain_kept"]
+            interval = pruned.get(f"{gain}_gain_kept_ci95")
+            check(f"pruned best-of-8 share of the {gain} gain kept", kept, ">= 0.9", kept >= 0.9, interval)
     for name in ("dpo", "prdp"):
         if name in methods:
-            check(f"{name} style rate / base", methods[name]["style_ratio"], ">= 2", methods[name]["style_ratio"] >= 2)
+            ratio_check(f"{name} style rate / base", methods[name], 2)
     if base:
         for name, row in methods.items():
             if (
@@ -86,14 +94,15 @@ def methods_table(methods: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, row in methods.items():
         cells = [name, row.get("baseline", "")]
-        cells += [_with_interval(row, column) for column in columns] + [_cell(row.get(column)) for column in plain]
+        cells += [_with_interval(row, column) for column in [*columns, *plain]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def goals_table(checks: list[dict]) -> str:
-    lines = ["| goal | value | bar | met |", "|---|---|---|---|"]
-    lines += [f"| {c['goal']} | {_cell(c['value'])} | {c['bar']} | {'yes' if c['met'] else '**no**'} |" for c in checks]
+    lines = ["| goal | value [95 % CI] | bar | met |", "|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['goal']} | {_with_interval(c, 'value')} | {c['bar']} | {'yes' if c['met'] else '**no**'} |")
     return "\n".join(lines)
 
 
@@ -242,8 +251,10 @@ an image cannot raise its reward; row `best_of_8_brightness_augmented_rm` ranks 
 Every row is judged on the same {evaluation["prompts"]} evaluation prompts and seeds {evaluation["seed_range"]}
 (candidate j of prompt i has seed first + 8i + j; one-sample rows draw candidate 0's seed). Brackets: 95 % bootstrap
 intervals over the samples. `style_ratio`: style rate over the row's `baseline` on the same prompts (paired
-bootstrap): `random_candidate` (one of the N candidates at random, the same cost as best-of-N, no reward) for the
-selection rows, `base` for the fine-tuned rows. `faint_rate` / `blank_rate`: the cheap ways to use less ink;
+bootstrap): `random_candidate` (one of the N candidates at random, the same cost as best-of-N, no reward; its rates
+and reward are the expectation over that draw, each prompt's N candidates averaged, its KID, diversity and picture
+one draw's) for the selection rows, `base` for the fine-tuned rows; `reward_gain_kept` / `style_gain_kept`: the share
+of best-of-N's gain over it that a cheaper selection keeps (paired bootstrap over the prompts). `faint_rate` / `blank_rate`: the cheap ways to use less ink;
 `kid_to_target`: kernel inception distance to the held-out target digits in a digit classifier's feature space
 (`kid_pixels_to_target` in report.json: the same on pixels); `diversity`: mean pairwise distance within each digit.
 

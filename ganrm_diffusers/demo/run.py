@@ -31,7 +31,14 @@ from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.reward.training import RewardTrainingConfig, fit_reward_model, roc_auc, save_training_outputs
 from ganrm_diffusers.utils.plots import score_grid
-from ganrm_diffusers.world.metrics import Reference, evaluate, paired_ratio, per_image
+from ganrm_diffusers.world.metrics import (
+    Reference,
+    evaluate,
+    expected_verdicts,
+    paired_ratio,
+    paired_share,
+    per_image,
+)
 from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digits
 
 # "selection": best-of-N, pruned, the same-cost random pick (deterministic DDIM); "fk": the same with eta = 1 and
@@ -166,7 +173,9 @@ class Rows:
         self.world, self.reward_model, self.reference = world, reward_model, reference
         self.out, self.grid_per_digit, self.grid_prefix = out, grid, grid_prefix
         self.rows: dict[str, dict] = {}
+        # Per prompt, for paired comparisons: the judges' verdicts and the reward.
         self._verdicts: dict[str, dict[str, np.ndarray]] = {}
+        self._rewards: dict[str, np.ndarray] = {}
 
     def add(
         self,
@@ -178,17 +187,30 @@ class Rows:
         seconds: float,
         baseline: str | None = None,
         extra: dict | None = None,
+        candidates: torch.Tensor | None = None,
     ) -> dict:
         """Judge `images` (one per evaluation prompt, in plan order) as row `name`, compared with row `baseline`
-        on the same prompts and seeds; draws the row's picture."""
+        on the same prompts and seeds; draws the row's picture. When `images` are one of each prompt's
+        `candidates` (all N, prompt-major) drawn at random, the row's rates, reward and comparisons are the
+        expectation over that draw (`expected_verdicts`); its KID, diversity and picture are the drawn images'."""
         scores = self.reward_model.score(images).cpu()
+        if candidates is None:
+            verdicts, rewards = per_image(self.world.judges, images, digits), scores.double().numpy()
+        else:
+            verdicts = expected_verdicts(self.world.judges, candidates, digits)
+            rewards = self.reward_model.score(candidates).cpu().double().view(len(digits), -1).mean(dim=1).numpy()
         row = {
-            **evaluate(self.world.judges, images, digits, self.reference),
-            "mean_reward": float(scores.mean()),
+            **evaluate(self.world.judges, images, digits, self.reference, verdicts),
+            "mean_reward": float(rewards.mean()),
             "unet_evaluations": int(unet_evaluations),
             "seconds": float(seconds),
+            **(
+                {"rates": "expected over a uniform pick among each prompt's candidates"}
+                if candidates is not None
+                else {}
+            ),
         }
-        self._verdicts[name] = per_image(self.world.judges, images, digits)
+        self._verdicts[name], self._rewards[name] = verdicts, rewards
         if baseline is not None:
             row["baseline"] = baseline
             row["style_ratio"], row["style_ratio_ci95"] = paired_ratio(
@@ -197,6 +219,19 @@ class Rows:
         row["grid"] = self._draw(name, images, digits, scores)
         self.rows[name] = {**row, **(extra or {})}
         return self.rows[name]
+
+    def kept(self, name: str, full: str, baseline: str) -> dict:
+        """Cost and kept gains of selection row `name` relative to full best-of-N (`full`) over the same-cost random
+        pick (`baseline`), the shares with paired 95 % intervals over the prompts."""
+        figures = {"unet_cost": self.rows[name]["unet_evaluations"] / self.rows[full]["unet_evaluations"]}
+        for key, per_prompt in (
+            ("reward", self._rewards),
+            ("style", {n: v["style"] for n, v in self._verdicts.items()}),
+        ):
+            figures[f"{key}_gain_kept"], figures[f"{key}_gain_kept_ci95"] = paired_share(
+                per_prompt[name], per_prompt[full], per_prompt[baseline]
+            )
+        return figures
 
     def add_samples(self, name: str, samples: SampleSet, baseline: str | None = None, extra: dict | None = None):
         """`add` for a `SampleSet` (one sample per evaluation prompt), with its model evaluations and seconds."""
@@ -455,7 +490,14 @@ def _selection_rows(
             continue
         baseline = f"random_candidate{suffix}"
         picked = random_pick(runs[full_name], n, seed=settings.seed)
-        rows.add(baseline, picked.images, plan.digits, unet_evaluations=picked.unet_rows, seconds=picked.seconds)
+        rows.add(
+            baseline,
+            picked.images,
+            plan.digits,
+            unet_evaluations=picked.unet_rows,
+            seconds=picked.seconds,
+            candidates=runs[full_name].candidate_images,
+        )
         group = [name for name, run in runs.items() if ("eta" in run.extra) == bool(suffix)]
         for name in group:
             run = runs[name]
@@ -483,7 +525,7 @@ def _selection_rows(
             )
             group.append(name)
         for name in group:
-            rows.rows[name].update(_kept(rows.rows[name], rows.rows[full_name], rows.rows[baseline]))
+            rows.rows[name].update(rows.kept(name, full_name, baseline))
 
 
 def _pruning_choice(
@@ -607,20 +649,6 @@ def _chosen_overrides(
     if quick:
         overrides = {method: {**overrides[method], **QUICK_FINETUNE[method]} for method in methods}
     return overrides
-
-
-def _kept(row: dict, full: dict, baseline: dict) -> dict:
-    """Cost and kept gains of a selection row relative to full best-of-N over the same-cost random pick."""
-
-    def kept(key: str) -> float:
-        gain = full[key] - baseline[key]
-        return (row[key] - baseline[key]) / gain if gain else float("nan")
-
-    return {
-        "unet_cost": row["unet_evaluations"] / full["unet_evaluations"],
-        "reward_gain_kept": kept("mean_reward"),
-        "style_gain_kept": kept("style_rate"),
-    }
 
 
 def _finetune_rows(

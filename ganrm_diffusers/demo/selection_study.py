@@ -35,6 +35,7 @@ from ganrm_diffusers.generation.pipeline import load_reward_guided_pipeline, rew
 from ganrm_diffusers.generation.pruning import FKResampling, PruneSchedule, count_model_rows
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.reward.model import GANRewardModel
+from ganrm_diffusers.world.metrics import paired_share
 
 # Pruning schedules the demo's sweep compares on tuning seeds, each at most half the UNet evaluations of best-of-8.
 PRUNE_CANDIDATES: dict[str, PruneSchedule] = {
@@ -249,16 +250,6 @@ def choose_schedule(swept: dict[str, dict], max_cost: float = 0.5) -> str:
     return max(affordable, key=lambda name: (affordable[name]["reward_gain_kept"], -affordable[name]["unet_cost"]))
 
 
-def _gains_kept(row: dict, full_row: dict, baseline: dict) -> dict:
-    """The shares of full best-of-N's reward and style gains over `baseline` (random candidates) that `row` keeps."""
-
-    def kept(key: str) -> float:
-        full_gain = full_row[key] - baseline[key]
-        return (row[key] - baseline[key]) / full_gain if full_gain else float("nan")
-
-    return {"reward_gain_kept": kept("mean_reward"), "style_gain_kept": kept("style_rate")}
-
-
 @dataclass
 class _Probe:
     """Every candidate of a best-of-N run with the reward of its x0 prediction at checkpoints (steps done ->
@@ -391,11 +382,22 @@ def pruning_sweep(
         values["reward_gain"] = values["mean_reward"] - baseline["mean_reward"]
         return values
 
-    full = row(probe.final_scores.argmax(dim=1), 1.0)
+    def gains_kept(chosen: torch.Tensor) -> dict:
+        """The shares of best-of-N's reward and style gains over the random pick that the choice keeps."""
+        kept = {}
+        for key, values in (("reward", probe.final_scores.double()), ("style", probe.has_style.double())):
+            kept[f"{key}_gain_kept"], kept[f"{key}_gain_kept_ci95"] = paired_share(
+                values[rows_index, chosen].numpy(), values[rows_index, best].numpy(), values.mean(dim=1).numpy()
+            )
+        return kept
+
+    best = probe.final_scores.argmax(dim=1)
+    full = row(best, 1.0)
     rows = {"random_candidate": {**baseline, "reward_gain": 0.0}, f"best_of_{num_candidates}": full}
     for label, schedule in schedules.items():
-        simulated = row(_simulated_choice(schedule, probe), schedule.cost_fraction(num_candidates, num_inference_steps))
-        rows[label] = {**simulated, **_gains_kept(simulated, full, baseline), "prune": _describe(schedule)}
+        chosen = _simulated_choice(schedule, probe)
+        simulated = row(chosen, schedule.cost_fraction(num_candidates, num_inference_steps))
+        rows[label] = {**simulated, **gains_kept(chosen), "prune": _describe(schedule)}
     return rows
 
 

@@ -50,10 +50,32 @@ def paired_ratio(values: np.ndarray, baseline: np.ndarray, *, seed: int = 0) -> 
         ratios = values[picks].mean(axis=1) / baseline[picks].mean(axis=1)
         # No style in the baseline: "inf" when the row has some, undefined (nan, which meets no goal) when neither has.
         ratio = float(values.mean() / baseline.mean()) if baseline.mean() else float("inf" if values.mean() else "nan")
-    finite = ratios[np.isfinite(ratios)]
-    if len(finite) < len(ratios) * 0.95:
-        return ratio, [float("nan"), float("nan")]
-    return ratio, [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))]
+    return ratio, _finite_interval(ratios)
+
+
+def paired_share(
+    values: np.ndarray, full: np.ndarray, baseline: np.ndarray, *, seed: int = 0
+) -> tuple[float, list[float]]:
+    """The share of `full`'s gain over `baseline` that `values` keeps, mean(values - baseline) / mean(full -
+    baseline) (one value per prompt in each, same prompts and seeds), and its 95 % bootstrap interval, resampling
+    the prompts together."""
+    values, full, baseline = (np.asarray(array, np.float64) for array in (values, full, baseline))
+    kept, gain = values - baseline, full - baseline
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(values), size=(BOOTSTRAP_RATES, len(values)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = kept[picks].mean(axis=1) / gain[picks].mean(axis=1)
+    share = float(kept.mean() / gain.mean()) if gain.mean() else float("nan")
+    return share, _finite_interval(shares)
+
+
+def _finite_interval(estimates: np.ndarray) -> list[float]:
+    """The 2.5 and 97.5 percentiles of bootstrap estimates; undefined (nan) when more than 5 % of the resamples
+    had no estimate (a zero denominator)."""
+    finite = estimates[np.isfinite(estimates)]
+    if len(finite) < len(estimates) * 0.95:
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))]
 
 
 def _polynomial_kernel(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -114,9 +136,28 @@ def per_image(judges: object, images: object, digits: np.ndarray) -> dict[str, n
     }
 
 
-def evaluate(judges: object, images: torch.Tensor, digits: np.ndarray, reference: Reference) -> dict:
-    """One report row for `images` (NCHW in [0, 1]) meant to show `digits`."""
-    verdicts = per_image(judges, images, digits)
+def expected_verdicts(judges: object, candidates: object, digits: np.ndarray) -> dict[str, np.ndarray]:
+    """What a uniformly random pick among each prompt's candidates gets, in expectation: the judges' verdicts on
+    `candidates` (the prompts' N candidates, prompt-major) averaged per prompt. The same mean as judging one random
+    candidate per prompt, without the luck of the draw (which dominates when the style is rare)."""
+    per_prompt = len(candidates) // len(digits)
+    if per_prompt * len(digits) != len(candidates):
+        raise ValueError(f"{len(candidates)} candidates for {len(digits)} prompts: not N per prompt")
+    verdicts = per_image(judges, candidates, np.repeat(np.asarray(digits), per_prompt))
+    return {key: value.reshape(len(digits), per_prompt).mean(axis=1) for key, value in verdicts.items()}
+
+
+def evaluate(
+    judges: object,
+    images: torch.Tensor,
+    digits: np.ndarray,
+    reference: Reference,
+    verdicts: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """One report row for `images` (NCHW in [0, 1]) meant to show `digits`. The rates come from `verdicts` where
+    given (one value per prompt, e.g. `expected_verdicts`), else from the judges on `images`; KID and diversity
+    always from `images`."""
+    verdicts = per_image(judges, images, digits) if verdicts is None else verdicts
     row: dict = {"count": len(images)}
     for name, key in (("style_rate", "style"), ("faint_rate", "faint"), ("blank_rate", "blank")):
         row[name] = float(verdicts[key].mean())
