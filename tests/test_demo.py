@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 
 from ganrm_diffusers.cli.main import main as ganrm_main
+from ganrm_diffusers.demo.generators import Generator
 from ganrm_diffusers.demo.run import (
     FLOW_FINETUNE_CANDIDATES,
     METHOD_GROUPS,
@@ -22,7 +23,6 @@ from ganrm_diffusers.demo.run import (
     TUNED_FLOW_FINETUNE,
     TUNED_PRUNING,
     DemoSettings,
-    Generator,
     _pruning_choice,
     _tune_finetune,
 )
@@ -82,6 +82,14 @@ def test_every_method_has_a_judged_row_on_the_same_seeds(demo_out):
     assert methods["random_candidate"]["unet_evaluations"] == methods["best_of_8"]["unet_evaluations"]
     assert methods["best_of_8"]["mean_reward"] >= methods["random_candidate"]["mean_reward"]
     assert methods["best_of_8_pruned"]["unet_evaluations"] < methods["best_of_8"]["unet_evaluations"]
+    # The random pick's rates are the expectation over the draw: a mean of each prompt's 8 candidates.
+    random_row = methods["random_candidate"]
+    assert "expected" in random_row["rates"]
+    assert round(random_row["style_rate"] * 8 * random_row["count"], 6).is_integer()
+    # Pruning's kept shares of best-of-N's gain come with paired intervals; full best-of-N keeps all of it.
+    for gain in ("reward_gain_kept", "style_gain_kept"):
+        assert methods["best_of_8"][gain] == pytest.approx(1.0) or math.isnan(methods["best_of_8"][gain])
+        assert len(methods["best_of_8_pruned"][f"{gain}_ci95"]) == 2
     # The brightness-augmented reward model ranks best-of-8's own candidates: the same cost, the same baseline.
     augmented = methods["best_of_8_brightness_augmented_rm"]
     assert augmented["baseline"] == "random_candidate"
@@ -150,7 +158,7 @@ def test_tune_chooses_the_flow_generators_finetuning_on_its_tuning_seeds(reduced
     settings = DemoSettings(out=tmp_path, quick=True, tune=True, tune_per_digit=1)  # as the flow family passes it
     model = GANRewardModel(backbone=reduced_world.backbone, pretrained=None, hidden_sizes=(16,))
     tuning: dict = {}
-    chosen = _tune_finetune(reduced_world, model, tuning, settings, ["sft", "dpo"], flow=True)
+    chosen = _tune_finetune(reduced_world, model, tuning, settings, ["sft", "dpo"], Generator.flow(reduced_world))
     record = tuning["finetune"]
     assert record["base"]["count"] == len(reduced_world.prompts)
     for method in ("sft", "dpo"):
@@ -167,10 +175,8 @@ def test_tune_sweeps_the_pruning_schedules_on_the_tuning_seeds(reduced_world, tm
     from ganrm_diffusers.demo.selection_study import PRUNE_CANDIDATES
 
     settings = DemoSettings(out=tmp_path, quick=True, tune=True)
-    report = {"settings": {"tuning": {}}}
     model = GANRewardModel(backbone=reduced_world.backbone, pretrained=None, hidden_sizes=(16,))
-    chosen = _pruning_choice(reduced_world, model, report, settings, Generator.unet(reduced_world))
-    pruning = report["settings"]["tuning"]["pruning"]
+    chosen, pruning = _pruning_choice(reduced_world, model, settings, Generator.unet(reduced_world))
     assert pruning["chosen"] == chosen and set(PRUNE_CANDIDATES) <= set(pruning["swept"])
     affordable = {name: row for name, row in pruning["swept"].items() if "prune" in row and row["unet_cost"] <= 0.5}
     assert chosen in affordable

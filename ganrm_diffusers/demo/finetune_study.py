@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ganrm_diffusers.demo.generators import Generator
 from ganrm_diffusers.generation.lora import COMFYUI_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, load_lora_into_pipeline
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.training.run import peak_memory, setup_run
@@ -143,28 +144,27 @@ def training_rows(
     batch_size: int = 100,
     overrides: dict[str, dict] | None = None,
     label: str | None = None,
-    flow: bool = False,
-    family: str = "",
+    generator: Generator | None = None,
     candidate_cache: Path | None = None,
 ) -> dict[str, tuple[SampleSet, dict]]:
     """Fine-tune with each method and sample the fine-tuned model on `plan`; returns {method: (samples, info)}.
 
     The training prompts are the world's ten prompts, each `prompt_repeats` times (a prompt index fixes the
     candidates' seeds, so repeats give new candidates). `overrides[method]` replaces config fields (a quick run, a
-    tuning candidate); `label` names the LoRA folder (`<out>/lora/<label>/`, default the method). `flow`: fine-tune
-    the world's flow-matching generator instead of its UNet one, its runs and LoRAs under `family/`
+    tuning candidate); `label` names the LoRA folder (`<out>/lora/<label>/`, default the method). `generator`: the
+    world's generator to fine-tune (default its UNet one), its runs and LoRAs under its family's folder
     (`<out>/lora/<family>/<method>/`). SFT and DPO draw their candidates through
     `candidate_cache` (default `candidate_cache_dir(out_dir, family)`): the same prompts, seeds and base model give the
     same candidates, sampled once."""
     out_dir = Path(out_dir)
+    generator = generator or Generator.unet(world)
+    family = generator.family
     run_root = finetune_root(out_dir, family)
     run_root.mkdir(parents=True, exist_ok=True)
     prompts_file = run_root / "prompts.txt"
     prompts_file.write_text("".join(f"{prompt}\n" for _ in range(prompt_repeats) for prompt in world.prompts))
-    sampling = world.flow_sampling_kwargs if flow else world.sampling_kwargs
-    pipeline_dir = world.flow_pipeline_dir if flow else world.pipeline_dir
     cache = candidate_cache or candidate_cache_dir(out_dir, family)
-    configs = demo_configs(world, prompts_file, run_root, cache, pipeline_dir, sampling)
+    configs = demo_configs(world, prompts_file, run_root, cache, generator.pipeline_dir, generator.sampling)
     rows = {}
     for method in methods:
         config = replace(configs[method], **(overrides or {}).get(method, {}))
@@ -181,13 +181,14 @@ def training_rows(
         curves = out_dir / f"{family}{'_' if family else ''}{name}_curves.png"
         shutil.copy2(Path(config.output_dir) / "curves.png", curves)
 
-        pipe = world.load_flow_pipeline() if flow else world.load_pipeline()
-        pipe.set_progress_bar_config(disable=True)
+        pipe = generator.load()
         load_lora_into_pipeline(pipe, lora_dir)
         # Fused into the weights, as users deploy a LoRA: sampled faster, the same images within 1e-6 (measured: 9.8e-7
         # at most over 64 images of the world's DPO LoRA)
         pipe.fuse_lora()
-        samples = sample_digits(pipe, world, plan, batch_size, f"{family} {name} evaluation".strip(), sampling)
+        samples = sample_digits(
+            pipe, world, plan, batch_size, generator.label(f"{name} evaluation"), generator.sampling
+        )
         rows[method] = (
             samples,
             {

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from ganrm_diffusers.demo.generators import FLOW_FAMILY, Generator
 from ganrm_diffusers.demo.report import goals, write_report
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.reward.model import GANRewardModel
@@ -56,8 +57,6 @@ METHOD_GROUPS = ("selection", "fk", "flow", "flow_finetune", "sft", "dpo", "prdp
 # stochastic runs, about 23 CPU minutes), and the UNet generator's "sft", "dpo", "prdp" and "rounds" (GAN-RM's round
 # loop), 24 CPU minutes together in the last full run, whose figures are in the issue notes.
 DEFAULT_METHODS = ("selection", "flow", "flow_finetune")
-FLOW_FAMILY = "sd3_flow"  # the report key of the flow-matching generator's rows: families.<FLOW_FAMILY>
-FLOW_STOCHASTIC_ETA = 0.7  # the flow SDE's noise level for its FK group (Flow-GRPO's a; it must stay below 1)
 # Seed ranges that never overlap: reward-model negatives, its bootstrapping pool, the evaluation set every row
 # shares, and the tuning set where settings are chosen. The trainers draw their own samples below 10^7.
 NEGATIVES_FIRST_SEED = 10_000_000
@@ -347,8 +346,7 @@ def run_demo(settings: DemoSettings) -> dict:
     demo_started = time.perf_counter()
     world = _world(settings)
     world_seconds = time.perf_counter() - demo_started  # a build, when the world was missing
-    pipe = world.load_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = Generator.unet(world).load()
     torch.manual_seed(settings.seed)
 
     def one_per_prompt(per_digit: int, first_seed: int, desc: str) -> SampleSet:
@@ -356,19 +354,24 @@ def run_demo(settings: DemoSettings) -> dict:
 
     negatives = one_per_prompt(settings.negatives_per_digit, NEGATIVES_FIRST_SEED, "negatives")
     pool = one_per_prompt(settings.pool_per_digit, POOL_FIRST_SEED, "bootstrap pool")
-    base = sample_digits(pipe, world, settings.evaluation, settings.batch_size, "evaluation set")
 
     started = time.perf_counter()
     reward_model, fit = train_demo_reward_model(world, negatives, pool, settings)
     train_seconds = time.perf_counter() - started
     save_training_outputs(reward_model, fit, out / "reward_model")
-    heldout_grid(world, reward_model, base, out / "heldout_by_reward.png")
     augmented_model, augmented_fit = train_demo_reward_model(world, negatives, pool, settings, BRIGHTNESS_AUGMENTATION)
     save_training_outputs(augmented_model, augmented_fit, out / "reward_model_brightness_augmented")
+    selection = None
+    if "selection" in settings.methods or "fk" in settings.methods:
+        selection = _selection_runs(world, reward_model, settings, Generator.unet(world))
+        base = _base_from(selection)  # no second draw of the same seeds
+    else:
+        base = sample_digits(pipe, world, settings.evaluation, settings.batch_size, "evaluation set")
+    heldout_grid(world, reward_model, base, out / "heldout_by_reward.png")
 
     targets, _ = world.heldout_target_images()
     rows = Rows(world, reward_model, Reference.of(world.judges, targets), out, settings.grid_per_digit)
-    rows.add_samples("base", base)
+    rows.add_samples("base", base, extra=BASE_FROM_SELECTION if selection else None)
     info = world.info
     report: dict = {
         "world": {
@@ -399,10 +402,12 @@ def run_demo(settings: DemoSettings) -> dict:
             "tuning": {"seed_range": settings.tuning.describe()["seed_range"], "prompts": len(settings.tuning.digits)},
         },
     }
-    # Where the demo's wall time went (seconds): the world (built or loaded), then each stage as it ends.
+    # Where the demo's wall time went (seconds): the world (built or loaded), then each stage as it ends. The
+    # selection runs (which draw base's samples too) ran before the report existed: their seconds count there.
+    selection_seconds = selection.seconds if selection else 0.0
     timing = report["timing"] = {
         "world": world_seconds,
-        "reward_models_and_base": time.perf_counter() - demo_started - world_seconds,
+        "reward_models_and_base": time.perf_counter() - demo_started - world_seconds - selection_seconds,
     }
     write_report(report, out)  # the first results are worth keeping even if a later step fails
 
@@ -411,13 +416,14 @@ def run_demo(settings: DemoSettings) -> dict:
         timing["total"] = time.perf_counter() - demo_started
         write_report(report, out)
 
-    if "selection" in settings.methods or "fk" in settings.methods:
-        started = time.perf_counter()
-        _selection_rows(world, reward_model, rows, report, settings, augmented_model)
+    if selection is not None:
+        report["settings"]["tuning"]["pruning"] = selection.pruning
+        started = time.perf_counter() - selection_seconds
+        _selection_rows(rows, selection, settings.seed, augmented_model)
         stage("selection", started)
     if "flow" in settings.methods:
         started = time.perf_counter()
-        report.setdefault("families", {})[FLOW_FAMILY] = _flow_family(world, settings)
+        _flow_family(world, settings, report)
         stage("flow", started)
     finetune_methods = [method for method in ("sft", "dpo", "prdp", "rounds") if method in settings.methods]
     if finetune_methods:
@@ -431,44 +437,26 @@ def run_demo(settings: DemoSettings) -> dict:
 
 
 @dataclass
-class Generator:
-    """One of the world's generators as the selection study runs it: its folder, sampling settings, and the
-    sampler noise its stochastic (FK) group uses with the suffix of that group's rows."""
+class SelectionRuns:
+    """The selection study's runs on one generator's evaluation seeds (selection_study.selection_runs), with the
+    pruning choice they used (the report's tuning record) and the seconds they took."""
 
-    pipeline_dir: Path
-    sampling: dict
-    kind: str = "unet"  # the key of its recorded choices (TUNED_PRUNING)
-    stochastic_eta: float = 1.0  # DDIM's eta for the UNet; the flow step's noise level for flow matching
-    stochastic_suffix: str = "_eta1"
-
-    @classmethod
-    def unet(cls, world: object) -> Generator:
-        return cls(world.pipeline_dir, world.sampling_kwargs)
-
-    @classmethod
-    def flow(cls, world: object) -> Generator:
-        # Flow-GRPO's noise level a = 0.7 (eta must stay below 1 for the flow SDE).
-        return cls(world.flow_pipeline_dir, world.flow_sampling_kwargs, "flow", FLOW_STOCHASTIC_ETA, "_sde")
+    generator: Generator
+    plan: EvaluationPlan
+    runs: dict
+    pruning: dict
+    seconds: float
 
 
-def _selection_rows(
-    world: object,
-    reward_model: GANRewardModel,
-    rows: Rows,
-    report: dict,
-    settings: DemoSettings,
-    augmented_model: GANRewardModel | None = None,
-    generator: Generator | None = None,
-):
-    """Run every selection method on the evaluation seeds of `generator` (default: the world's UNet one), with the
-    pruning schedule chosen on the tuning seeds (`_pruning_choice`); best-of-N's candidates are also ranked by
-    `augmented_model` (no new samples: the same cost). With "fk" in the methods, the FK group too."""
-    from ganrm_diffusers.demo.selection_study import PRUNE_CANDIDATES, random_pick, selection_runs
+def _selection_runs(
+    world: object, reward_model: GANRewardModel, settings: DemoSettings, generator: Generator
+) -> SelectionRuns:
+    """Every selection method on the evaluation seeds of `generator`, with the pruning schedule chosen on the tuning
+    seeds (`_pruning_choice`); with "fk" in the methods, the FK group too."""
+    from ganrm_diffusers.demo.selection_study import PRUNE_CANDIDATES, selection_runs
 
-    n = settings.num_candidates
-    generator = generator or Generator.unet(world)
-    sampling = generator.sampling
-    chosen = _pruning_choice(world, reward_model, report, settings, generator)
+    started = time.perf_counter()
+    chosen, pruning = _pruning_choice(world, reward_model, settings, generator)
     plan = settings.evaluation
     runs = selection_runs(
         generator.pipeline_dir,
@@ -476,20 +464,44 @@ def _selection_rows(
         plan.prompts(world),
         plan.candidate_seeds,
         schedule=PRUNE_CANDIDATES[chosen],
-        num_candidates=n,
+        num_candidates=settings.num_candidates,
         stochastic="fk" in settings.methods,
         stochastic_eta=generator.stochastic_eta,
         stochastic_suffix=generator.stochastic_suffix,
-        **sampling,
+        **generator.sampling,
     )
+    return SelectionRuns(generator, plan, runs, pruning, time.perf_counter() - started)
+
+
+def _base_from(selection: SelectionRuns) -> SampleSet:
+    """The `base` row without sampling it again: candidate 0 of each prompt in full best-of-N's run has the seed a
+    one-sample row draws (`EvaluationPlan.single_seeds`), so it is the base model's sample of that prompt (the plain
+    pipeline gives the same image up to float32 summation order); its cost is the run's share of one candidate."""
+    n = selection.plan.num_candidates
+    full = selection.runs[f"best_of_{n}"]
+    return SampleSet(full.candidate_images[::n].clone(), selection.plan.digits, full.unet_rows // n, full.seconds / n)
+
+
+BASE_FROM_SELECTION = {
+    "drawn_as": "candidate 0 of each prompt in best-of-N's run (the seed of one-sample rows); seconds: its share"
+}
+
+
+def _selection_rows(rows: Rows, selection: SelectionRuns, seed: int, augmented_model: GANRewardModel | None = None):
+    """The selection runs judged as rows, each beside the same-cost random pick of its sampler; best-of-N's
+    candidates are also ranked by `augmented_model` (no new samples: the same cost)."""
+    from ganrm_diffusers.demo.selection_study import random_pick
+
+    plan, runs = selection.plan, selection.runs
+    n = plan.num_candidates
     # Two groups: the deterministic sampler, and the stochastic one (DDIM with eta = 1, the flow SDE; FK needs
     # stochastic steps); each has its own full best-of-N and its own random pick, from the same seeds.
-    for suffix in ("", generator.stochastic_suffix):
+    for suffix in ("", selection.generator.stochastic_suffix):
         full_name = f"best_of_{n}{suffix}"
         if full_name not in runs:
             continue
         baseline = f"random_candidate{suffix}"
-        picked = random_pick(runs[full_name], n, seed=settings.seed)
+        picked = random_pick(runs[full_name], n, seed=seed)
         rows.add(
             baseline,
             picked.images,
@@ -529,17 +541,16 @@ def _selection_rows(
 
 
 def _pruning_choice(
-    world: object, reward_model: GANRewardModel, report: dict, settings: DemoSettings, generator: Generator
-) -> str:
-    """The pruning schedule for `generator`: with `--tune`, chosen by PRUNING_RULE from a probe run of best-of-N on
-    the tuning seeds (every candidate's figures go in the report); otherwise the recorded choice (TUNED_PRUNING)."""
+    world: object, reward_model: GANRewardModel, settings: DemoSettings, generator: Generator
+) -> tuple[str, dict]:
+    """The pruning schedule for `generator` and the report's record of the choice: with `--tune`, chosen by
+    PRUNING_RULE from a probe run of best-of-N on the tuning seeds (every candidate's figures go in the record);
+    otherwise the recorded choice (TUNED_PRUNING)."""
     from ganrm_diffusers.demo.selection_study import PRUNE_CANDIDATES, choose_schedule, pruning_sweep
 
-    tuning = report["settings"]["tuning"]
     if not settings.tune:
         chosen = TUNED_PRUNING[generator.kind]
-        tuning["pruning"] = {"chosen": chosen, "rule": PRUNING_RULE}  # no swept figures: an earlier run's choice
-        return chosen
+        return chosen, {"chosen": chosen, "rule": PRUNING_RULE}  # no swept figures: an earlier run's choice
     swept = pruning_sweep(
         generator.pipeline_dir,
         reward_model,
@@ -551,19 +562,18 @@ def _pruning_choice(
         **generator.sampling,
     )
     chosen = choose_schedule(swept)
-    tuning["pruning"] = {"chosen": chosen, "rule": PRUNING_RULE, "swept": swept}
-    return chosen
+    return chosen, {"chosen": chosen, "rule": PRUNING_RULE, "swept": swept}
 
 
-def _flow_family(world: object, settings: DemoSettings) -> dict:
+def _flow_family(world: object, settings: DemoSettings, report: dict) -> dict:
     """The selection rows on the world's flow-matching generator, as the paper's loop would run them there: its own
     GAN-RM (the same target digits against this generator's samples, the same training settings), a pruning
     schedule chosen on its tuning seeds, then random pick, best-of-N, pruned best-of-N (and with "fk" the FK group
-    on the stochastic flow step) on its evaluation seeds, judged by the same judges."""
+    on the stochastic flow step) on its evaluation seeds, judged by the same judges. The family goes in
+    `report["families"]` as soon as it has rows, and the report is written as each part ends."""
     out = settings.out
-    pipe = world.load_flow_pipeline()
-    pipe.set_progress_bar_config(disable=True)
     generator = Generator.flow(world)
+    pipe = generator.load()
     flow_settings = replace(
         settings, eval_per_digit=settings.flow_eval_per_digit, tune_per_digit=settings.flow_tune_per_digit
     )
@@ -573,14 +583,15 @@ def _flow_family(world: object, settings: DemoSettings) -> dict:
 
     negatives = one_per_prompt(EvaluationPlan(settings.negatives_per_digit, NEGATIVES_FIRST_SEED, 1), "negatives")
     pool = one_per_prompt(EvaluationPlan(settings.pool_per_digit, POOL_FIRST_SEED, 1), "bootstrap pool")
-    base = one_per_prompt(flow_settings.evaluation, "evaluation set")
     reward_model, fit = train_demo_reward_model(world, negatives, pool, settings)
     save_training_outputs(reward_model, fit, out / "families" / FLOW_FAMILY / "reward_model")
+    selection = _selection_runs(world, reward_model, flow_settings, generator)
+    base = _base_from(selection)
     targets, _ = world.heldout_target_images()
     rows = Rows(
         world, reward_model, Reference.of(world.judges, targets), out, settings.grid_per_digit, f"{FLOW_FAMILY}/"
     )
-    rows.add_samples("base", base)
+    rows.add_samples("base", base, extra=BASE_FROM_SELECTION)
     family = {
         "generator": {
             "path": str(world.flow_pipeline_dir),
@@ -596,17 +607,26 @@ def _flow_family(world: object, settings: DemoSettings) -> dict:
         },
         "evaluation": flow_settings.evaluation.describe(),
         "methods": rows.rows,
-        "settings": {"tuning": {"seed_range": flow_settings.tuning.describe()["seed_range"]}},
+        "settings": {
+            "tuning": {"seed_range": flow_settings.tuning.describe()["seed_range"], "pruning": selection.pruning}
+        },
     }
-    _selection_rows(world, reward_model, rows, family, flow_settings, generator=generator)
+    report.setdefault("families", {})[FLOW_FAMILY] = family
+    _selection_rows(rows, selection, settings.seed, None)
+    write_report(report, out)
     if "flow_finetune" in settings.methods:
-        _flow_finetune_rows(world, reward_model, rows, family, flow_settings)
+        _flow_finetune_rows(world, reward_model, rows, family, flow_settings, lambda: write_report(report, out))
     family["goals"] = goals(rows.rows, settings.num_candidates)
     return family
 
 
 def _flow_finetune_rows(
-    world: object, reward_model: GANRewardModel, rows: Rows, family: dict, settings: DemoSettings
+    world: object,
+    reward_model: GANRewardModel,
+    rows: Rows,
+    family: dict,
+    settings: DemoSettings,
+    on_update: Callable[[], None] = lambda: None,
 ) -> None:
     """SFT, DPO and PRDP on the flow generator with its own GAN-RM, at settings chosen on its own tuning seeds
     (FLOW_FINETUNE_CANDIDATES), judged on the family's evaluation set beside its base; each LoRA (diffusers and
@@ -616,7 +636,7 @@ def _flow_finetune_rows(
     methods = ["sft", "dpo", "prdp"]
     tuning = family["settings"]["tuning"]
     chosen = (
-        _tune_finetune(world, reward_model, tuning, settings, methods, flow=True)
+        _tune_finetune(world, reward_model, tuning, settings, methods, Generator.flow(world), on_update)
         if settings.tune
         else TUNED_FLOW_FINETUNE
     )
@@ -630,8 +650,7 @@ def _flow_finetune_rows(
         prompt_repeats=2 if settings.quick else 20,
         batch_size=settings.batch_size,
         overrides=overrides,
-        flow=True,
-        family=FLOW_FAMILY,
+        generator=Generator.flow(world),
     )
     for method, (samples, info) in trained.items():
         rows.add_samples(method, samples, baseline="base", extra=info)
@@ -660,7 +679,13 @@ def _finetune_rows(
     tuning = report["settings"]["tuning"]
     chosen = (
         _tune_finetune(
-            world, reward_model, tuning, settings, tuned, on_update=lambda: write_report(report, settings.out)
+            world,
+            reward_model,
+            tuning,
+            settings,
+            tuned,
+            Generator.unet(world),
+            on_update=lambda: write_report(report, settings.out),
         )
         if settings.tune
         else TUNED_FINETUNE
@@ -682,6 +707,7 @@ def _finetune_rows(
         prompt_repeats=2 if settings.quick else 20,
         batch_size=settings.batch_size,
         overrides=overrides,
+        generator=Generator.unet(world),
     )
     for method, (samples, info) in trained.items():
         if method == "rounds":
@@ -703,8 +729,7 @@ def _round_by_round(world: object, rows: Rows, settings: DemoSettings, info: dic
     for entry in summary["rounds"]:
         samples = final
         if entry is not summary["rounds"][-1]:
-            pipe = world.load_pipeline()
-            pipe.set_progress_bar_config(disable=True)
+            pipe = Generator.unet(world).load()
             load_lora_into_pipeline(pipe, run_dir / f"round-{entry['round']:02d}" / "lora")
             pipe.fuse_lora()
             samples = sample_digits(pipe, world, settings.evaluation, settings.batch_size, f"round {entry['round']}")
@@ -739,20 +764,19 @@ def _tune_finetune(
     tuning: dict,
     settings: DemoSettings,
     methods: list[str],
-    flow: bool = False,
+    generator: Generator,
     on_update: Callable[[], None] = lambda: None,
 ) -> dict[str, str]:
-    """Train every candidate of FINETUNE_CANDIDATES (FLOW_FINETUNE_CANDIDATES with `flow`) and judge it on the
-    tuning seeds beside base sampled there; every candidate's figures go in `tuning`. Returns the chosen labels."""
+    """Train every candidate of FINETUNE_CANDIDATES (FLOW_FINETUNE_CANDIDATES for the flow generator) and judge it
+    on the tuning seeds beside base sampled there; every candidate's figures go in `tuning`. Returns the chosen
+    labels."""
     from ganrm_diffusers.demo.finetune_study import candidate_cache_dir, training_rows
 
     plan = settings.tuning
-    candidates = FLOW_FINETUNE_CANDIDATES if flow else FINETUNE_CANDIDATES
-    family = FLOW_FAMILY if flow else ""
-    pipe = world.load_flow_pipeline() if flow else world.load_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    sampling = world.flow_sampling_kwargs if flow else world.sampling_kwargs
-    base = sample_digits(pipe, world, plan, settings.batch_size, f"{family} tuning base".strip(), sampling)
+    candidates = FLOW_FINETUNE_CANDIDATES if generator.kind == "flow" else FINETUNE_CANDIDATES
+    base = sample_digits(
+        generator.load(), world, plan, settings.batch_size, generator.label("tuning base"), generator.sampling
+    )
     targets, _ = world.heldout_target_images()
     reference = Reference.of(world.judges, targets)
     base_row = evaluate(world.judges, base.images, base.digits, reference)
@@ -773,10 +797,9 @@ def _tune_finetune(
                 batch_size=settings.batch_size,
                 overrides={method: {**values, **extra}},
                 label=f"{method}_{label}",
-                flow=flow,
-                family=family,
+                generator=generator,
                 # the demo's rows train on these very candidates (the same prompts, seeds and base model)
-                candidate_cache=candidate_cache_dir(settings.out, family),
+                candidate_cache=candidate_cache_dir(settings.out, generator.family),
             )
             samples, _ = trained[method]
             results[label] = evaluate(world.judges, samples.images, samples.digits, reference)
