@@ -2,8 +2,10 @@
 
 1. Build (or load) the world: a tiny SD-shaped model, a tiny CLIP that was never told the style, a target style,
    independent judges.
-2. Sample base images for all ten prompts: reward-model negatives, a bootstrapping pool, and the evaluation set.
+2. Sample base images for all ten prompts: reward-model negatives and a bootstrapping pool.
 3. Train a GAN-RM (target set vs base samples, one rank-based bootstrapping round); keep it in demo-out/reward_model.
+   The evaluation set's base samples are candidate 0 of best-of-N's run (their seeds), or sampled when no selection
+   row runs.
 4. Measure it on images it never saw: AUC target vs base, AUC target vs other real digits (does it see the style
    itself, not only "real vs generated"?), and the Spearman correlation of reward and the style's pixel measure.
 5. Choose what needs choosing on the tuning seeds (the pruning schedule; `--tune` sweeps the fine-tuning settings),
@@ -78,6 +80,7 @@ FLOW_FINETUNE_CANDIDATES = {
     "dpo": {"beta_5000_steps_50": {"beta": 5000.0, "max_train_steps": 50}, "beta_20000": {"beta": 20000.0}},
     "prdp": {"epochs_6": {"epochs": 6, "eval_every": 3}, "epochs_12": {"epochs": 12}},
 }
+FINETUNE_CANDIDATES_BY_KIND = {"unet": FINETUNE_CANDIDATES, "flow": FLOW_FINETUNE_CANDIDATES}
 ROUNDS_FOLLOW = "dpo"  # the rounds row fine-tunes with DPO at the DPO row's chosen beta
 # The second reward model of the report (`reward_model_brightness_augmented`): brightness views of every training
 # image (reward.training.add_brightness_views). Chosen on the tuning seeds (200 prompts x 8 candidates from
@@ -157,8 +160,8 @@ class DemoSettings:
 
 
 class Rows:
-    """The report's `methods` rows, with each row's per-image verdicts kept for paired comparisons. Grids go to
-    `<out>/grids/<grid_prefix><row>.png`."""
+    """The report's `methods` rows, with each row's verdicts and rewards per prompt kept for paired comparisons (the
+    random pick's: expected over the draw). Grids go to `<out>/grids/<grid_prefix><row>.png`."""
 
     def __init__(
         self,
@@ -403,13 +406,14 @@ def run_demo(settings: DemoSettings) -> dict:
         },
     }
     # Where the demo's wall time went (seconds): the world (built or loaded), then each stage as it ends. The
-    # selection runs (which draw base's samples too) ran before the report existed: their seconds count there.
+    # selection runs ran before the report existed (they draw base's samples too, so "reward_models_and_base" then
+    # holds the reward models and their training samples): their seconds count in "selection".
     selection_seconds = selection.seconds if selection else 0.0
     timing = report["timing"] = {
         "world": world_seconds,
         "reward_models_and_base": time.perf_counter() - demo_started - world_seconds - selection_seconds,
     }
-    write_report(report, out)  # the first results are worth keeping even if a later step fails
+    write_report(report, out)  # kept even if a later stage fails (the selection runs came before: they draw base)
 
     def stage(name: str, started: float) -> None:
         timing[name] = time.perf_counter() - started
@@ -420,6 +424,7 @@ def run_demo(settings: DemoSettings) -> dict:
         report["settings"]["tuning"]["pruning"] = selection.pruning
         started = time.perf_counter() - selection_seconds
         _selection_rows(rows, selection, settings.seed, augmented_model)
+        del selection  # every candidate of every run: not needed by the later stages
         stage("selection", started)
     if "flow" in settings.methods:
         started = time.perf_counter()
@@ -773,7 +778,7 @@ def _tune_finetune(
     from ganrm_diffusers.demo.finetune_study import candidate_cache_dir, training_rows
 
     plan = settings.tuning
-    candidates = FLOW_FINETUNE_CANDIDATES if generator.kind == "flow" else FINETUNE_CANDIDATES
+    candidates = FINETUNE_CANDIDATES_BY_KIND[generator.kind]
     base = sample_digits(
         generator.load(), world, plan, settings.batch_size, generator.label("tuning base"), generator.sampling
     )

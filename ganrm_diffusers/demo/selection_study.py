@@ -15,8 +15,9 @@ selected, with its cost; the demo judges the images. Runs:
   pruning run with the same DDIM eta = 1 and the same seeds (for a flow-matching pipeline: the stochastic flow
   step at `stochastic_eta`, its noise level, with the rows suffixed `stochastic_suffix`).
 
-`random_pick` turns a full run into the `random_candidate` row: one of the N candidates of each prompt, drawn
-uniformly with a fixed seed, the same cost as best-of-N and no reward. `pruning_sweep` simulates many pruning
+`random_pick` draws the `random_candidate` row's images from a full run: one of the N candidates of each prompt,
+drawn uniformly with a fixed seed, the same cost as best-of-N and no reward (the demo judges the row's rates and reward
+as the expectation over that draw, from all the run's candidates). `pruning_sweep` simulates many pruning
 schedules from one probe run, for choosing a schedule on tuning seeds.
 """
 

@@ -168,11 +168,15 @@ def adapters_are_identity(model: torch.nn.Module) -> bool:
         if isinstance(getattr(module, "lora_B", None), torch.nn.ModuleDict)
         for up in module.lora_B.values()
         for parameter in up.parameters()
+        if parameter.numel()
     ]
     if not ups:
         return False
-    # One device sync for all layers (a per-layer test would sync once per LoRA layer on a GPU).
-    return not bool(torch.stack([parameter.detach().abs().amax().float() for parameter in ups]).amax())
+    # One device sync for all layers (a per-layer test would sync once per LoRA layer on a GPU); the layers of a
+    # split or offloaded model may sit on several devices.
+    device = ups[0].device
+    largest = torch.stack([parameter.detach().abs().amax().float().to(device) for parameter in ups]).amax()
+    return not bool(largest)
 
 
 @contextmanager
