@@ -254,9 +254,10 @@ intervals over the samples. `style_ratio`: style rate over the row's `baseline` 
 bootstrap): `random_candidate` (one of the N candidates at random, the same cost as best-of-N, no reward; its rates
 and reward are the expectation over that draw, each prompt's N candidates averaged, its KID, diversity and picture
 one draw's) for the selection rows, `base` for the fine-tuned rows; `reward_gain_kept` / `style_gain_kept`: the share
-of best-of-N's gain over it that a cheaper selection keeps (paired bootstrap over the prompts). `faint_rate` / `blank_rate`: the cheap ways to use less ink;
-`kid_to_target`: kernel inception distance to the held-out target digits in a digit classifier's feature space
-(`kid_pixels_to_target` in report.json: the same on pixels); `diversity`: mean pairwise distance within each digit.
+of best-of-N's gain over it that a cheaper selection keeps (paired bootstrap over the prompts). `faint_rate` /
+`blank_rate`: the cheap ways to use less ink; `kid_to_target`: kernel inception distance to the held-out target
+digits in a digit classifier's feature space (`kid_pixels_to_target` in report.json: the same on pixels);
+`diversity`: mean pairwise distance within each digit.
 
 {methods_table(methods)}
 
