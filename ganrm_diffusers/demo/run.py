@@ -176,9 +176,8 @@ class Rows:
         self.world, self.reward_model, self.reference = world, reward_model, reference
         self.out, self.grid_per_digit, self.grid_prefix = out, grid, grid_prefix
         self.rows: dict[str, dict] = {}
-        # Per prompt, for paired comparisons: the judges' verdicts and the reward.
+        # Per prompt, for paired comparisons: the judges' verdicts and the reward ("reward").
         self._verdicts: dict[str, dict[str, np.ndarray]] = {}
-        self._rewards: dict[str, np.ndarray] = {}
 
     def add(
         self,
@@ -213,7 +212,7 @@ class Rows:
                 else {}
             ),
         }
-        self._verdicts[name], self._rewards[name] = verdicts, rewards
+        self._verdicts[name] = {**verdicts, "reward": rewards}
         if baseline is not None:
             row["baseline"] = baseline
             row["style_ratio"], row["style_ratio_ci95"] = paired_ratio(
@@ -227,12 +226,9 @@ class Rows:
         """Cost and kept gains of selection row `name` relative to full best-of-N (`full`) over the same-cost random
         pick (`baseline`), the shares with paired 95 % intervals over the prompts."""
         figures = {"unet_cost": self.rows[name]["unet_evaluations"] / self.rows[full]["unet_evaluations"]}
-        for key, per_prompt in (
-            ("reward", self._rewards),
-            ("style", {n: v["style"] for n, v in self._verdicts.items()}),
-        ):
+        for key in ("reward", "style"):
             figures[f"{key}_gain_kept"], figures[f"{key}_gain_kept_ci95"] = paired_share(
-                per_prompt[name], per_prompt[full], per_prompt[baseline]
+                *(self._verdicts[row][key] for row in (name, full, baseline))
             )
         return figures
 
