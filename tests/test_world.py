@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ganrm_diffusers.cli.main import main as ganrm_main
 from ganrm_diffusers.world import (
@@ -332,9 +332,20 @@ def test_ensure_world_loads_without_rebuilding(reduced_world):
     assert world.root == reduced_world.root and (world.root / "world.json").stat().st_mtime_ns == stamp
 
 
-def make_previous_format_world(world, folder):
-    """A copy of `world` as format 2 wrote it: no flow generator, no flow settings, sampling kwargs or figures."""
+def make_previous_format_world(world, folder, format_version=2):
+    """A copy of `world` as format 2 wrote it: no flow generator, no flow settings, sampling kwargs or figures; or as
+    format 3 did: a flow generator trained with other flow settings (its weights here: random ones)."""
     shutil.copytree(world.root, folder)
+    if format_version == 3:
+        info = json.loads((folder / "world.json").read_text())
+        info["format_version"] = 3
+        info["settings"] = {**info["settings"], "flow_steps": 900, "flow_figure_samples_per_prompt": 50}
+        info["figures"]["base_flow"] = {**info["figures"]["base_flow"], "class_accuracy": -1.0}
+        (folder / "world.json").write_text(json.dumps(info, indent=2))
+        weights = next((folder / "pipeline_flow" / "transformer").glob("*.safetensors"))
+        tensors = {name: torch.randn_like(value) for name, value in load_file(weights).items()}
+        save_file(tensors, weights)
+        return folder
     shutil.rmtree(folder / "pipeline_flow")
     (folder / "preview_flow.png").unlink()
     info = json.loads((folder / "world.json").read_text())
@@ -355,11 +366,16 @@ def snapshot(folder) -> dict:
     }
 
 
-def test_upgrading_a_previous_format_world_builds_only_the_flow_part(reduced_world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("format_version", [2, 3])
+def test_upgrading_a_previous_format_world_builds_only_the_flow_part(
+    reduced_world, tmp_path, monkeypatch, format_version
+):
     from ganrm_diffusers.world import build
 
-    old = make_previous_format_world(reduced_world, tmp_path / "world")
-    with pytest.raises(WorldError, match=r"format 2.*upgrade it with `ganrm world build --out .* --reduced`"):
+    old = make_previous_format_world(reduced_world, tmp_path / "world", format_version)
+    with pytest.raises(
+        WorldError, match=rf"format {format_version}.*upgrade it with `ganrm world build --out .* --reduced`"
+    ):
         load_world(old)
     before = snapshot(old)
 
@@ -376,13 +392,14 @@ def test_upgrading_a_previous_format_world_builds_only_the_flow_part(reduced_wor
     world = ensure_world(old, seed=0, preset="reduced")
 
     after = snapshot(old)
-    added = {name for name in after if name.startswith("pipeline_flow/")} | {"preview_flow.png"}
-    assert set(after) == set(before) | added
-    assert all(after[name] == before[name] for name in before if name != "world.json")  # bytes and mtimes
+    flow_part = {name for name in after if name.startswith("pipeline_flow/")} | {"preview_flow.png"}
+    assert set(after) == set(before) | flow_part
+    kept = [name for name in before if name != "world.json" and name not in flow_part]
+    assert all(after[name] == before[name] for name in kept)  # bytes and mtimes
     assert_flow_weights_close(reduced_world.root, world.root)
 
     info, fresh = world.info, reduced_world.info
-    assert info["format_version"] == fresh["format_version"] and info["upgraded_from_format"] == 2
+    assert info["format_version"] == fresh["format_version"] and info["upgraded_from_format"] == format_version
     assert info["settings"] == fresh["settings"] and info["flow_sampling"] == fresh["flow_sampling"]
     # Close weights draw the same digits: at most one of the judged samples may fall on the other side of a judge.
     tolerance = 1 / fresh["figures"]["base_flow"]["count"] + 1e-9
