@@ -61,7 +61,8 @@ STYLE_QUANTILE = 0.25  # "thin": at most the ink of the thinnest quarter of real
 # The flow generator's guidance: the smallest whose base class accuracy is within a point of the best in a sweep
 # (world seed 0, full preset, 500 samples, 25 steps; 2026-12-02): guidance 1.0 / 1.5 / 2.0 / 2.5 / 3.0 / 4.0 gave
 # class accuracy 0.918 / 0.984 / 0.992 / 0.998 / 0.998 / 0.998 and style rate 0.098 / 0.042 / 0.020 / 0.008 /
-# 0.006 / 0.004. More guidance buys no accuracy and makes the target style rarer still.
+# 0.006 / 0.004. More guidance buys no accuracy and makes the target style rarer still. (That sweep was of the
+# 900-step generator of format 3; the 600-step one draws class accuracy 0.987 and style rate 0.053 at 2.0.)
 FLOW_GUIDANCE_SCALE = 2.0
 PRESETS = ("full", "reduced")
 
@@ -109,9 +110,9 @@ class WorldSettings:
     # CLIP tokens per prompt, and as many zero T5 rows (the pipeline's max_sequence_length): the world's prompts are 6
     # tokens, and every text token costs the joint attention and the MLPs as much as a latent pixel does.
     flow_text_tokens: int = 8
-    # 0.39 s a step of 64 on 2 idle cores (0.84 s at batch 128, measured 2026-12-02). 600 steps: 4 minutes, class
-    # accuracy 0.988 and style rate 0.052 on its figure samples, where 900 steps (format 3) drew 0.992 and 0.020:
-    # within 3 points of the UNet generator's accuracy either way, and 2.3 minutes less of `make demo`'s budget.
+    # 0.3-0.4 s a step of 64 on 2 idle cores (0.84 s at batch 128). 600 steps (3-4 minutes): class accuracy 0.987
+    # and style rate 0.053 on its figure samples (world seed 0), where 900 steps (format 3) drew 0.992 and 0.020:
+    # within 3 points of the UNet generator's 0.984 either way, and a third of its training off `make demo`'s budget.
     flow_steps: int = 600
     flow_batch_size: int = 64
     flow_learning_rate: float = 1e-3
@@ -244,9 +245,9 @@ def load_world(path: str | Path | None = None) -> World:
     info = json.loads(info_file.read_text())
     if _upgradable(root, info):
         raise WorldError(
-            f"the world in {root} has format {info['format_version']}, this ganrm reads format {FORMAT_VERSION}: upgrade it"
-            f" with `ganrm world build --out {root}{_seed_and_preset_options(info)}` (it trains only the flow-matching"
-            " generator, minutes)"
+            f"the world in {root} has format {info['format_version']}, this ganrm reads format {FORMAT_VERSION}:"
+            f" upgrade it with `ganrm world build --out {root}{_seed_and_preset_options(info)}` (it trains only the"
+            " flow-matching generator, minutes)"
         )
     if info.get("format_version") != FORMAT_VERSION:
         raise WorldError(
@@ -533,15 +534,16 @@ def _upgradable(root: Path, info: dict, seed: int | None = None, settings: World
 
 def upgrade_world(path: str | Path | None = None) -> Path:
     """Bring a world of one of UPGRADABLE_FORMATS to FORMAT_VERSION in place: train, save and judge the flow
-    generator only (replacing an older one); every other file stays as it is. world.json is rewritten last (atomically), so an interrupted upgrade
-    leaves a world that is still of the old format and is upgraded again next time."""
+    generator only (replacing an older one); every other file stays as it is. world.json is rewritten last
+    (atomically), so an interrupted upgrade leaves a world that is still of the old format and is upgraded again
+    next time."""
     root = Path(path) if path is not None else default_world_dir()
     info = _read_info(root)
     if not _upgradable(root, info):
         raise WorldError(
             f"the world in {root} cannot be upgraded (format {info.get('format_version')}; only a complete world of"
-            f" format {' or '.join(map(str, UPGRADABLE_FORMATS))} built with this ganrm's settings can): rebuild it with `ganrm world build"
-            f" --out {root} --rebuild`"
+            f" format {' or '.join(map(str, UPGRADABLE_FORMATS))} built with this ganrm's settings can): rebuild it"
+            f" with `ganrm world build --out {root} --rebuild`"
         )
     seed, settings = int(info["seed"]), WorldSettings.preset_named(info["settings"]["preset"])
     started = time.perf_counter()
