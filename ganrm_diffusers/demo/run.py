@@ -105,16 +105,19 @@ TUNING_RULE = (
 # digits, 5000 14.5 %, against 1.5 % for base, so the rule took the one losing least class accuracy). PRDP: not yet
 # tuned (that run was stopped before its candidates finished); beta 30 is the trainer's default.
 TUNED_FINETUNE = {"sft": "steps_75", "dpo": "beta_5000", "prdp": "beta_30"}
-# The flow generator's, chosen by `ganrm demo --methods flow,flow_finetune --tune` on the same world (2026-12-02; flow
-# tuning seeds from TUNING_FIRST_SEED, 10 prompts per digit; base there: style 0.01, faint 0.00, class 0.99): SFT 75
-# steps (style 0.01 at 75 and 150 steps: the first of a tie); DPO beta 20000 (style 0.45, faint 0.00, class 0.98;
-# beta 5000 x 50 steps: 0.14); PRDP 6 epochs (style 0.03, faint 0.00; 12 epochs drew style 0.16 but 3 points more
-# faint digits, over the bar).
-TUNED_FLOW_FINETUNE = {"sft": "steps_75", "dpo": "beta_20000", "prdp": "epochs_6"}
+# The flow generator's, chosen by `ganrm demo --methods flow,flow_finetune --tune` on the world of seed 0, format 4
+# (2026-12-03; flow tuning seeds from TUNING_FIRST_SEED, 10 prompts per digit; base there: style 0.04, faint 0.00,
+# class 1.00): SFT at learning rate 3e-4 (style 0.07; 1e-4: 0.05); DPO beta 5000 x 50 steps (neither candidate
+# held the class bar, 0.96 and 0.94 for beta 20000 x 150 steps, whose style was 0.60 against 0.45, so the rule took
+# the one losing least class accuracy); PRDP 6 epochs at beta 30 (style 0.22; beta 10 drew the same: the first of a
+# tie). No candidate drew a faint or blank digit there.
+TUNED_FLOW_FINETUNE = {"sft": "steps_75_lr_3e-4", "dpo": "beta_5000_steps_50", "prdp": "epochs_6"}
 # The pruning schedule (selection_study.PRUNE_CANDIDATES) chosen by PRUNING_RULE from one probe run of best-of-8 on
-# the tuning seeds, per generator: `ganrm demo --tune` runs the sweep again and uses its choice. Both chose 8to2_at30
-# on the world of seed 0 (UNet: 200 tuning prompts; flow: 100, keeping 0.96 of the reward gain at 0.49x cost).
-TUNED_PRUNING = {"unet": "8to2_at30", "flow": "8to2_at30"}
+# the tuning seeds, per generator: `ganrm demo --tune` runs the sweep again and uses its choice. On the world of
+# seed 0: the UNet generator's 8to2_at30 (200 tuning prompts, format 3, whose UNet side format 4 builds the same);
+# the flow generator's 8to3_at20 (format 4, 100 tuning prompts: 0.964 of the reward gain kept at 0.5x cost; 8to2_at30
+# 0.952 at 0.49x, 8to4to2_at20_40 0.961 at 0.45x).
+TUNED_PRUNING = {"unet": "8to2_at30", "flow": "8to3_at20"}
 PRUNING_RULE = "largest share of best-of-N's reward gain kept at <= 0.5x its UNet evaluations (no judge)"
 # `--quick`: every trainer runs a few steps, enough to prove the path works end to end, not to move the figures.
 QUICK_FINETUNE = {
