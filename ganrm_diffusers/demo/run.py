@@ -53,9 +53,9 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 # <out>/lora/sd3_flow/), at settings chosen on its own tuning seeds (FLOW_FINETUNE_CANDIDATES); it needs "flow".
 METHOD_GROUPS = ("selection", "fk", "flow", "flow_finetune", "sft", "dpo", "prdp", "rounds")
 # `make demo` (`ganrm demo` without --methods) runs these, chosen for the 45-minute budget on 2 CPU cores from a
-# fresh clone, world build (17-23 of them) included: best-of-N and pruning on both generators, and SFT, DPO and PRDP
-# on the flow-matching one, today's model family (`make demo` measured from a fresh clone: 46.6 minutes, 2.5 of them
-# the venv, on 2026-12-02; 51 on a slower afternoon; about 40 at the fastest speed these machines showed; report.json
+# fresh clone, world build (14-19 of them) included: best-of-N and pruning on both generators, and SFT, DPO and PRDP
+# on the flow-matching one, today's model family (`make demo` measured from a fresh clone: 35.2 minutes, 2.2 of them
+# the venv, on a fast morning, 2026-12-03; these machines run up to a quarter slower later in a day; report.json
 # `timing` has each run's stages). The other groups are opt-in (`--methods` adds them): "fk" (the
 # stochastic runs, about 23 CPU minutes), and the UNet generator's "sft", "dpo", "prdp" and "rounds" (GAN-RM's round
 # loop), 24 CPU minutes together in the last full run, whose figures are in the issue notes.
