@@ -339,7 +339,8 @@ def make_previous_format_world(world, folder, format_version=2):
     if format_version == 3:
         info = json.loads((folder / "world.json").read_text())
         info["format_version"] = 3
-        info["settings"] = {**info["settings"], "flow_steps": 900, "flow_figure_samples_per_prompt": 50}
+        del info["settings"]["flow_figure_samples_per_prompt"]  # a setting format 4 added
+        info["settings"]["flow_steps"] = 900
         info["figures"]["base_flow"] = {**info["figures"]["base_flow"], "class_accuracy": -1.0}
         (folder / "world.json").write_text(json.dumps(info, indent=2))
         weights = next((folder / "pipeline_flow" / "transformer").glob("*.safetensors"))
