@@ -336,24 +336,22 @@ def make_previous_format_world(world, folder, format_version=2):
     """A copy of `world` as format 2 wrote it: no flow generator, no flow settings, sampling kwargs or figures; or as
     format 3 did: a flow generator trained with other flow settings (its weights here: random ones)."""
     shutil.copytree(world.root, folder)
+    info = json.loads((folder / "world.json").read_text())
+    info["format_version"] = format_version
     if format_version == 3:
-        info = json.loads((folder / "world.json").read_text())
-        info["format_version"] = 3
         del info["settings"]["flow_figure_samples_per_prompt"]  # a setting format 4 added
         info["settings"]["flow_steps"] = 900
         info["figures"]["base_flow"] = {**info["figures"]["base_flow"], "class_accuracy": -1.0}
-        (folder / "world.json").write_text(json.dumps(info, indent=2))
         weights = next((folder / "pipeline_flow" / "transformer").glob("*.safetensors"))
-        tensors = {name: torch.randn_like(value) for name, value in load_file(weights).items()}
-        save_file(tensors, weights)
-        return folder
-    shutil.rmtree(folder / "pipeline_flow")
-    (folder / "preview_flow.png").unlink()
-    info = json.loads((folder / "world.json").read_text())
-    info["format_version"] = 2
-    info["settings"] = {key: value for key, value in info["settings"].items() if not key.startswith("flow_")}
-    del info["flow_sampling"], info["figures"]["base_flow"]
-    info["phase_seconds"] = {key: value for key, value in info["phase_seconds"].items() if not key.startswith("flow_")}
+        save_file({name: torch.randn_like(value) for name, value in load_file(weights).items()}, weights)
+    else:
+        shutil.rmtree(folder / "pipeline_flow")
+        (folder / "preview_flow.png").unlink()
+        info["settings"] = {key: value for key, value in info["settings"].items() if not key.startswith("flow_")}
+        del info["flow_sampling"], info["figures"]["base_flow"]
+        info["phase_seconds"] = {
+            key: value for key, value in info["phase_seconds"].items() if not key.startswith("flow_")
+        }
     (folder / "world.json").write_text(json.dumps(info, indent=2))
     return folder
 

@@ -555,11 +555,7 @@ def upgrade_world(path: str | Path | None = None) -> Path:
         "format_version": FORMAT_VERSION,
         "settings": asdict(settings),
         "flow_sampling": flow["sampling"],
-        "figures": {
-            "base": info["figures"]["base"],
-            "base_flow": flow["figures"],
-            **{name: value for name, value in info["figures"].items() if name != "base_flow"},
-        },
+        "figures": {**info["figures"], "base_flow": flow["figures"]},  # a format-3 world's old ones replaced
         "phase_seconds": {**info.get("phase_seconds", {}), **lap.seconds},
         "build_seconds": round(info.get("build_seconds", 0) + time.perf_counter() - started, 1),
         "upgraded_from_format": info["format_version"],
