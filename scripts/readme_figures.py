@@ -104,6 +104,7 @@ COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
     ("style_ratio to baseline [95 % CI]", _style_ratio),
     ("faint_rate", _plain("faint_rate")),
     ("blank_rate", _plain("blank_rate")),
+    ("glyph_intensity", _plain("glyph_intensity")),
     ("class_accuracy", _plain("class_accuracy")),
     ("kid_to_target", _plain("kid_to_target")),
     ("diversity", _plain("diversity")),
@@ -180,6 +181,30 @@ def dimming_sentence(report: dict) -> str:
     )
 
 
+def judge_audit_sentence(world: object) -> str:
+    """The style judge's audit of the report's world (world.json `imitations`): which cheap imitations of held-out
+    ordinary digits it refuses, which it does not, and how many held-out thin digits it keeps ('' when absent)."""
+    audit = world.get("imitations") if isinstance(world, dict) else None
+    if not isinstance(audit, dict) or not isinstance(audit.get("imitations_counted_as_style"), dict):
+        return ""
+    bar, rates = audit["imitation_bar"], audit["imitations_counted_as_style"]
+
+    def listed(names: Iterable[str]) -> str:
+        return ", ".join(f"{name.replace('_', ' ')} {rates[name]:.0%}" for name in names) or "none"
+
+    refused = [name for name in rates if rates[name] <= bar]
+    missed = [name for name in rates if rates[name] > bar]
+    kept = ", ".join(
+        f"{name.replace('_', ' ')} {rate:.0%}" for name, rate in audit["heldout_thin_counted_as_style"].items()
+    )
+    return (
+        f"The style judge against cheap imitations of {audit['ordinary_count']} held-out ordinary digits (share "
+        f"counted as thin; bar {bar:.0%}): refused: {listed(refused)}; **not refused**: {listed(missed)}. Held-out "
+        f"real thin digits counted as thin (bar {audit['thin_bar']:.0%}): {kept}. `glyph_intensity` in every row "
+        "shows a method that dims its glyphs."
+    )
+
+
 def tuning_lines(settings: object) -> list[str]:
     """The tuned hyperparameters and the tuning seed range of `settings.tuning`, one bullet per entry."""
     tuning = settings.get("tuning") if isinstance(settings, dict) else None
@@ -216,7 +241,8 @@ LEGEND = (
     "95 % interval ([undefined] where the baseline drew no styled image in some bootstrap resamples); "
     "`random_candidate`: one of the N candidates at random, the same cost as best-of-N without the reward, its rates "
     "the expectation over the draw (each prompt's N candidates averaged); `style_gain_kept`: the share of best-of-N's "
-    "style gain over it that pruning keeps, with its paired 95 % interval; "
+    "style gain over it that pruning keeps, with its paired 95 % interval; `glyph_intensity`: the mean over the row's "
+    "images of the median brightness of the glyph's pixels (real thin digits are a little greyer than ordinary ones); "
     f"`unet_evaluations`: latents through the UNet (or transformer); {DASH}: not measured for that row."
 )
 
@@ -243,9 +269,11 @@ def results_region(report: dict) -> list[str]:
         lines += [f"**Family `{name}`**", ""] + family_lines(family if isinstance(family, dict) else {}) + [""]
     lines += [LEGEND, "", reward_model_sentence(report.get("reward_model"), report.get("world"))]
     dimming = dimming_sentence(report)
+    audit = judge_audit_sentence(report.get("world"))
     timing = timing_sentence(report.get("timing"))
     return (
         lines
+        + (["", audit] if audit else [])
         + (["", dimming] if dimming else [])
         + (["", timing] if timing else [])
         + tuning_lines(report.get("settings"))

@@ -218,47 +218,114 @@ def test_judges_read_real_digits(reduced_world):
     judges = reduced_world.judges
     target, target_digits = reduced_world.heldout_target_images()
     other, other_digits = reduced_world.heldout_other_images()
-    # The style is defined on pixels, and the PNG files are the very pixels it was decided on.
-    assert judges.style_rate(target) == 1.0
-    assert judges.style_rate(other) == 0.0
-    assert (judges.style_measure(target) >= 0).all() and (judges.style_measure(other) < 0).all()
+    # The style is defined on pixels, and the PNG files are the very pixels it was decided on; the stroke thresholds
+    # were fitted on the target set only, so a held-out thin digit may miss one (the bar: THIN_BAR).
+    assert judges.style_rate(target, target_digits) >= 0.9
+    assert judges.style_rate(other, other_digits) == 0.0
+    assert (judges.style_measure(other) < 0).all()
     # The class judge never saw held-out digits.
     assert judges.class_accuracy(target, target_digits) >= 0.9
     assert judges.class_accuracy(other, other_digits) >= 0.9
     assert judges.class_accuracy(other, [(d + 1) % 10 for d in other_digits]) <= 0.1
     assert judges.faint_rate(target) == 0.0 and judges.blank_rate(target) == 0.0
+    # A styled glyph drawn as another digit is not the style of the prompt.
+    assert judges.style_rate(target, [(d + 1) % 10 for d in target_digits]) <= 0.1
 
 
 def test_less_ink_is_not_thinner_strokes(reduced_world):
     """Real ordinary digits made fainter have little ink but no full-intensity stroke: not the style, but faint."""
     judges = reduced_world.judges
-    other, _ = reduced_world.heldout_other_images()
+    other, digits = reduced_world.heldout_other_images()
     for factor in (0.8, 0.7, 0.5):
-        assert judges.style_rate(other * factor) == 0.0, factor
+        assert judges.style_rate(other * factor, digits) == 0.0, factor
         assert judges.faint_rate(other * factor) == 1.0, factor
     assert judges.blank_rate(torch.zeros(3, 3, 16, 16)) == 1.0
-    assert judges.style_rate(torch.zeros(3, 3, 16, 16)) == 0.0
+    assert judges.style_rate(torch.zeros(3, 3, 16, 16), [0, 1, 2]) == 0.0
     # A fragment (half the glyph erased) has little ink and a bright stroke, but not a whole glyph.
-    target, _ = reduced_world.heldout_target_images()
+    target, target_digits = reduced_world.heldout_target_images()
     fragments = target.clone()
     fragments[:, :, :, 6:] = 0
-    assert judges.style_rate(fragments) <= 0.1
+    assert judges.style_rate(fragments, target_digits) <= 0.1
 
 
-def test_the_style_rule_fits_real_thin_digits():
-    """On all of scikit-learn's digits: nearly every digit in the thinnest ink quarter passes the whole rule, no
-    ordinary digit does, and no dimmed ordinary digit does (figures measured, bars with margin)."""
-    from ganrm_diffusers.world.judge import fit_style_rule, rule_measure
-    from ganrm_diffusers.world.style import ink, load_real_digits
+@pytest.fixture(scope="module")
+def full_split_judges():
+    """The judges of the full world (seed 0) and its split, fitted from scikit-learn's digits alone (seconds)."""
+    from ganrm_diffusers.world.build import WorldSettings, _fit_judges, _prepare_data
 
-    pixels = load_real_digits(16).pixels()
+    data = _prepare_data(0, WorldSettings.preset_named("full"))
+    return _fit_judges(data, 0), data
+
+
+# Measured on the full split (seed 0), 2026-12-08: the imitations the stroke judge refuses (at most IMITATION_BAR
+# counted as the style) and those it cannot. In scikit-learn's 8x8 digits a thin stroke is a partly covered cell,
+# so an ordinary digit dimmed to 80-90 % looks like a real thin one; the demo reports glyph intensity beside every
+# style rate for that reason.
+REFUSED_IMITATIONS = {
+    "dimmed_0.6",
+    "dimmed_0.7",
+    "dimmed_0.75",
+    "dimmed_0.8",
+    "dimmed_0.6_bright_pixel",
+    "dimmed_0.7_bright_pixel",
+    "dimmed_0.6_bright_2x2",
+    "dimmed_0.7_bright_2x2",
+    "dropped_30pct",
+    "blurred_3x3",
+    "erased_top",
+    "erased_bottom",
+    "shrunk_11px",
+    "shrunk_13px",
+    "shrunk_14px",
+}
+
+
+def test_the_stroke_judge_refuses_cheap_imitations_and_keeps_real_thin_digits(full_split_judges):
+    from ganrm_diffusers.world.imitations import IMITATION_BAR, IMITATIONS, THIN_BAR, judge_audit
+
+    judges, data = full_split_judges
+    real, split = data.real, data.split
+    audit = judge_audit(
+        judges,
+        real.pixels(split["heldout_other"]),
+        real.digits[split["heldout_other"]],
+        real.pixels(split["heldout_target"]),
+        real.digits[split["heldout_target"]],
+    )
+    rates = audit["imitations_counted_as_style"]
+    assert set(rates) == set(IMITATIONS) and REFUSED_IMITATIONS <= set(rates)
+    for name in REFUSED_IMITATIONS:
+        assert rates[name] <= IMITATION_BAR, (name, rates[name])
+    # What the judge cannot refuse is reported, never hidden: the audit names exactly the imitations over the bar.
+    assert audit["imitations_over_bar"] == sorted(name for name, rate in rates.items() if rate > IMITATION_BAR)
+    assert set(audit["imitations_over_bar"]) == set(rates) - REFUSED_IMITATIONS
+    for name, rate in audit["heldout_thin_counted_as_style"].items():
+        assert rate >= THIN_BAR, (name, rate)  # measured 0.96 as is, 0.94 / 0.91 shifted, 0.94 with noise 0.03
+    assert audit["thin_under_bar"] == []
+    # Real thin strokes at 16 px are a little greyer than ordinary ones (why a fair intensity check compares
+    # styled samples with real thin digits, not with base).
+    intensity = audit["median_glyph_intensity"]
+    assert 0.5 < intensity["heldout_thin"] < intensity["heldout_ordinary"]
+
+
+def test_the_stroke_thresholds_come_from_the_target_set_only(full_split_judges):
+    """The split of real digits is decided by ink, peak and glyph size (as in format 4); the stroke group is fitted
+    on the target set, so the held-out thin digits are a fair test of it."""
+    from ganrm_diffusers.world.judge import fit_stroke_thresholds, fit_style_rule, split_measure
+    from ganrm_diffusers.world.style import ink
+
+    judges, data = full_split_judges
+    pixels = data.real.pixels()
     rule = fit_style_rule(pixels, 0.25)
+    assert not rule.has_strokes and judges.style.has_strokes
     thin = ink(pixels) <= rule.max_ink
-    styled = rule_measure(rule, pixels) >= 0
+    styled = split_measure(rule, pixels) >= 0
     assert styled[thin].float().mean() >= 0.95  # measured 0.989
     assert not styled[~thin].any()
-    for factor in (0.8, 0.7):
-        assert (rule_measure(rule, pixels[~thin] * factor) >= 0).float().mean() <= 0.01  # measured 0.0
+    refit = fit_stroke_thresholds(rule, pixels, data.real.pixels(data.split["target"]))
+    assert refit == judges.style
+    held_out = fit_stroke_thresholds(rule, pixels, data.real.pixels(data.split["heldout_target"]))
+    assert held_out != judges.style
 
 
 def test_the_clip_was_never_told_the_style(reduced_world):
@@ -333,12 +400,24 @@ def test_ensure_world_loads_without_rebuilding(reduced_world):
 
 
 def make_previous_format_world(world, folder, format_version=2):
-    """A copy of `world` as format 2 wrote it: no flow generator, no flow settings, sampling kwargs or figures; or as
-    format 3 did: a flow generator trained with other flow settings (its weights here: random ones)."""
+    """A copy of `world` as format 4 wrote it: judges without the stroke thresholds, no imitation audit, no glyph
+    intensity; as format 3 did: also a flow generator trained with other flow settings (its weights here: random
+    ones); or as format 2 did: also no flow generator, no flow settings, sampling kwargs or figures."""
     shutil.copytree(world.root, folder)
     info = json.loads((folder / "world.json").read_text())
     info["format_version"] = format_version
-    if format_version == 3:
+    stroke_fields = ("max_stroke_ink", "min_core", "min_continuity", "min_height", "core_scale", "continuity_scale")
+    judge_config = json.loads((folder / "judge" / "judge.json").read_text())
+    for style in (info["style"], judge_config["style"]):
+        for name in (*stroke_fields, "height_scale"):
+            del style[name]
+    (folder / "judge" / "judge.json").write_text(json.dumps(judge_config, indent=2))
+    del info["imitations"]
+    for figures in info["figures"].values():
+        del figures["glyph_intensity"]
+    if format_version == 4:
+        pass
+    elif format_version == 3:
         del info["settings"]["flow_figure_samples_per_prompt"]  # a setting format 4 added
         info["settings"]["flow_steps"] = 900
         info["figures"]["base_flow"] = {**info["figures"]["base_flow"], "class_accuracy": -1.0}
@@ -365,6 +444,38 @@ def snapshot(folder) -> dict:
     }
 
 
+def test_upgrading_a_format_4_world_refits_the_judges_and_trains_nothing(reduced_world, tmp_path, monkeypatch):
+    from ganrm_diffusers.world import build
+
+    old = make_previous_format_world(reduced_world, tmp_path / "world", 4)
+    with pytest.raises(WorldError, match=r"format 4.*upgrade it with `ganrm world build --out .* --reduced`"):
+        load_world(old)
+    before = snapshot(old)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a format-4 upgrade trains no generator and no CLIP")
+
+    for module, name in (
+        (build.clip_training, "train_clip"),
+        (build.generator, "train_vae"),
+        (build.generator, "train_unet"),
+        (build.flow_generator, "train_transformer"),
+    ):
+        monkeypatch.setattr(module, name, must_not_run)
+    world = ensure_world(old, seed=0, preset="reduced")
+
+    after = snapshot(old)
+    assert set(after) == set(before)
+    rewritten = {"world.json", "preview_flow.png"} | {name for name in before if name.startswith("judge/")}
+    assert all(after[name] == before[name] for name in before if name not in rewritten)  # bytes and mtimes
+    # The refitted judges are those a full build fits, and they judge the generators as a full build does.
+    info, fresh = world.info, reduced_world.info
+    assert (old / "judge" / "judge.json").read_bytes() == (reduced_world.root / "judge" / "judge.json").read_bytes()
+    assert info["style"] == fresh["style"] and info["imitations"] == fresh["imitations"]
+    assert info["figures"] == fresh["figures"]
+    assert info["format_version"] == fresh["format_version"] and info["upgraded_from_format"] == 4
+
+
 @pytest.mark.parametrize("format_version", [2, 3])
 def test_upgrading_a_previous_format_world_builds_only_the_flow_part(
     reduced_world, tmp_path, monkeypatch, format_version
@@ -385,13 +496,13 @@ def test_upgrading_a_previous_format_world_builds_only_the_flow_part(
         (build.clip_training, "train_clip"),
         (build.generator, "train_vae"),
         (build.generator, "train_unet"),
-        (build.Judges, "fit"),
     ):
         monkeypatch.setattr(module, name, must_not_run)
     world = ensure_world(old, seed=0, preset="reduced")
 
     after = snapshot(old)
     flow_part = {name for name in after if name.startswith("pipeline_flow/")} | {"preview_flow.png"}
+    flow_part |= {name for name in after if name.startswith("judge/")}  # refitted, as for format 4
     assert set(after) == set(before) | flow_part
     kept = [name for name in before if name != "world.json" and name not in flow_part]
     assert all(after[name] == before[name] for name in kept)  # bytes and mtimes
@@ -407,7 +518,9 @@ def test_upgrading_a_previous_format_world_builds_only_the_flow_part(
     assert {key: value for key, value in info["figures"].items() if key != "base_flow"} == {
         key: value for key, value in fresh["figures"].items() if key != "base_flow"
     }
-    assert info["phase_seconds"]["flow_generator"] > 0 and info["build_seconds"] > fresh["phase_seconds"]["generator"]
+    assert info["imitations"] == fresh["imitations"]
+    assert info["phase_seconds"]["upgrade_flow_generator"] > 0
+    assert info["build_seconds"] > fresh["phase_seconds"]["generator"]
     stamp = (old / "world.json").stat().st_mtime_ns
     assert ensure_world(old, seed=0, preset="reduced").root == old and (old / "world.json").stat().st_mtime_ns == stamp
 

@@ -20,9 +20,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "build",
         help="build the world from a seed (about 20 CPU minutes; seconds with --reduced)",
         description="Train the world's generators, CLIP and judges from scikit-learn's digits, deterministically from "
-        "the seed, and write them into a folder (replacing a world already there). A world of the previous format "
-        "built with the same seed and preset is upgraded in place instead: only the part the new format adds (the "
-        "flow-matching generator) is trained, which gives the same world as a full build.",
+        "the seed, and write them into a folder (replacing a world already there). A world of a previous format "
+        "built with the same seed and preset is upgraded in place instead: only what the new format changed (the "
+        "judges, and a missing or outdated flow-matching generator) is fitted again, which gives the same world as a "
+        "full build.",
     )
     build.add_argument(
         "--out", type=Path, default=None, help="world folder (default: the one `ganrm world path` prints)"

@@ -86,7 +86,8 @@ def _with_interval(row: dict, key: str) -> str:
 
 
 def methods_table(methods: dict[str, dict]) -> str:
-    columns = ["style_rate", "style_ratio", "faint_rate", "blank_rate", "class_accuracy", "kid_to_target", "diversity"]
+    columns = ["style_rate", "style_ratio", "faint_rate", "blank_rate", "glyph_intensity", "class_accuracy"]
+    columns += ["kid_to_target", "diversity"]
     plain = ["mean_reward", "unet_evaluations", "seconds"]
     optional = ("unet_cost", "reward_gain_kept", "style_gain_kept", "train_seconds", "peak_rss_mib")
     plain += [key for key in optional if any(key in row for row in methods.values())]
@@ -134,6 +135,21 @@ def _rounds_section(rounds: list[dict] | None) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def imitations_table(audit: dict | None) -> str:
+    """The style judge's audit (world.json `imitations`): each cheap imitation of held-out ordinary digits and the
+    share counted as the style, then the held-out thin digits; a bar missed is marked."""
+    if not audit:
+        return "(this world has no audit of its style judge: rebuild it with this ganrm)"
+    lines = ["| images | counted as the style | bar | met |", "|---|---|---|---|"]
+    for name, rate in audit["imitations_counted_as_style"].items():
+        met = rate <= audit["imitation_bar"]
+        lines.append(f"| ordinary, {name} | {rate:.3f} | <= {audit['imitation_bar']} | {'yes' if met else '**no**'} |")
+    for name, rate in audit["heldout_thin_counted_as_style"].items():
+        met = rate >= audit["thin_bar"]
+        lines.append(f"| real thin, {name} | {rate:.3f} | >= {audit['thin_bar']} | {'yes' if met else '**no**'} |")
+    return "\n".join(lines)
 
 
 def _reward_models_table(report: dict) -> str:
@@ -240,6 +256,16 @@ target digits: style {world["target"]["style_rate"]:.1%}; other real digits {wor
 same dimmed to 80 % / 70 %: {world.get("real_other_dimmed_0.8", {}).get("style_rate", float("nan")):.1%} /
 {world.get("real_other_dimmed_0.7", {}).get("style_rate", float("nan")):.1%} (less ink is not thinner strokes).
 
+## The style judge against cheap imitations
+Held-out real digits ({(world.get("imitations") or {}).get("ordinary_count")} ordinary,
+{(world.get("imitations") or {}).get("thin_count")} thin) changed in the cheap ways a generator could learn instead
+of thin strokes (`ganrm_diffusers/world/imitations.py`; measured at the world build). In scikit-learn's 8x8 digits a
+thin stroke is a partly covered cell, so an ordinary digit dimmed to 85-90 % looks like a real thin one: the judge
+cannot refuse that, and every row reports `glyph_intensity` (the mean over its images of the median brightness of
+the glyph's pixels) beside its style rate so that a method that dims shows it.
+
+{imitations_table(world.get("imitations"))}
+
 ## The reward models
 `reward_model` is GAN-RM as the paper trains it; every row uses it unless it says otherwise.
 `reward_model_brightness_augmented` adds brightness views of every training image ({augmentation}), so that dimming
@@ -255,7 +281,9 @@ bootstrap): `random_candidate` (one of the N candidates at random, the same cost
 and reward are the expectation over that draw, each prompt's N candidates averaged, its KID, diversity and picture
 one draw's) for the selection rows, `base` for the fine-tuned rows; `reward_gain_kept` / `style_gain_kept`: the share
 of best-of-N's gain over it that a cheaper selection keeps (paired bootstrap over the prompts). `faint_rate` /
-`blank_rate`: the cheap ways to use less ink; `kid_to_target`: kernel inception distance to the held-out target
+`blank_rate`: the cheap ways to use less ink; `glyph_intensity`: mean median brightness of a glyph's pixels (held-out
+real thin digits: {_cell((world.get("imitations") or {}).get("median_glyph_intensity", {}).get("heldout_thin"))});
+`kid_to_target`: kernel inception distance to the held-out target
 digits in a digit classifier's feature space (`kid_pixels_to_target` in report.json: the same on pixels);
 `diversity`: mean pairwise distance within each digit.
 

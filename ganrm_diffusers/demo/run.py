@@ -255,7 +255,7 @@ class Rows:
         """The first `grid_per_digit` prompts of each digit, a digit per line: cell (i, j) shows the same prompt and
         seeds in every row's picture. Captions: reward, and T (thin: has the style) / f (faint) / b (blank)."""
         picks = [int(i) for d in range(10) for i in np.flatnonzero(digits == d)[: self.grid_per_digit]]
-        style = self.world.judges.has_style(images[picks]).tolist()
+        style = self.world.judges.has_style(images[picks], digits[picks]).tolist()
         faint = self.world.judges.is_faint(images[picks]).tolist()
         blank = self.world.judges.is_blank(images[picks]).tolist()
         captions = [
@@ -271,12 +271,13 @@ class Rows:
 def heldout_grid(world: object, reward_model: GANRewardModel, base: SampleSet, path: Path, count: int = 48) -> Path:
     """Held-out images (base samples and real target digits) sorted by reward; captions mark target digits and
     base samples that have the style."""
-    targets, _ = world.heldout_target_images()
+    targets, target_digits = world.heldout_target_images()
     generated, real = base.images[: count - count // 4], targets[: count // 4]
     picks = torch.cat([generated, real])
+    digits = np.concatenate([base.digits[: len(generated)], target_digits[: len(real)]])
     kinds = ["gen"] * len(generated) + ["target"] * len(real)
     scores = reward_model.score(picks)
-    styled = world.judges.has_style(picks).tolist()
+    styled = world.judges.has_style(picks, digits).tolist()
     captions = [
         f"{score:+.2f} {kind}{'*' if has and kind == 'gen' else ''}"
         for score, kind, has in zip(scores.tolist(), kinds, styled, strict=True)
@@ -387,6 +388,7 @@ def run_demo(settings: DemoSettings) -> dict:
             "clip_captions": info.get("clip_captions"),
             "style": info.get("style"),
             **{key: value for key, value in info["figures"].items()},
+            "imitations": info.get("imitations"),
             "sampling": world.sampling_kwargs,
         },
         "reward_model": {

@@ -304,7 +304,7 @@ def _probe(
         if judges is not None:
             images = output.candidates.cpu()
             expected = np.repeat(digits[start : start + len(part)], num_candidates)
-            has_style.append(judges.has_style(images).view(len(part), num_candidates))
+            has_style.append(judges.has_style(images, expected).view(len(part), num_candidates))
             predicted = torch.as_tensor(np.asarray(judges.predict_digits(images)) == expected)
             correct.append(predicted.view(len(part), num_candidates))
     return _Probe(

@@ -2,7 +2,7 @@
 
 Layout of a world folder:
     world.json              seed, settings, split sizes, build_seconds, phase_seconds, sampling and flow_sampling,
-                            figures (base / base_flow / target / real_other)
+                            figures (base / base_flow / target / real_other), imitations (the style judge's audit)
     pipeline/               StableDiffusionPipeline.from_pretrained(<world>/pipeline)
     pipeline_flow/          StableDiffusion3Pipeline.from_pretrained(<world>/pipeline_flow, text_encoder_3=None,
                             tokenizer_3=None): the SD3-shaped flow-matching generator on pipeline/'s autoencoder
@@ -14,9 +14,10 @@ Layout of a world folder:
     preview.png             base samples per prompt beside real target digits, for a person to look at
     preview_flow.png        the same for the flow-matching generator
 
-A world of the previous format (no pipeline_flow/) with the same seed and settings is upgraded in place by
-`build_world` (so by `ensure_world` and `ganrm world build`): only the flow generator is trained, from the CLIP and
-the autoencoder on disk, which a full build also reads back before training it, so both give the same weights.
+A world of a previous format with the same seed and settings is upgraded in place by `build_world` (so by
+`ensure_world` and `ganrm world build`): its judges are refitted from the real digits and its generators judged
+again; where its flow generator is missing or outdated, it is trained from the CLIP and the autoencoder on disk,
+which a full build also reads back before training it, so both give the same weights.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from ganrm_diffusers.utils.errors import GanrmError
 from ganrm_diffusers.utils.images import load_image, to_pil, to_pixels
 from ganrm_diffusers.utils.paths import cache_dir
 from ganrm_diffusers.world import clip_training, flow_generator, generator
-from ganrm_diffusers.world.judge import Judges, StyleRule, fit_style_rule, rule_measure
+from ganrm_diffusers.world.imitations import judge_audit
+from ganrm_diffusers.world.judge import Judges, StyleRule, fit_stroke_thresholds, fit_style_rule, split_measure
 from ganrm_diffusers.world.style import RealDigits, glyph_box, load_real_digits, slant
 from ganrm_diffusers.world.style import ink as ink_of
 from ganrm_diffusers.world.tokenizer import build_clip_tokenizer
@@ -54,8 +56,12 @@ WORLD_FILE = "world.json"
 # except a world of an UPGRADABLE_FORMATS, whose flow generator is missing or outdated and is rebuilt in place.
 # 2: the style judge reads the glyph (not ink alone); the CLIP never sees ink words. 3: pipeline_flow/. 4: the flow
 # generator trains 600 steps (900 before) and is judged on 30 samples per prompt: about 2.7 minutes less to build.
-FORMAT_VERSION = 4
-UPGRADABLE_FORMATS = (2, 3)  # 2 has no flow generator, 3 one of 900 steps; everything else is the same
+# 5: the style judge reads strokes (core intensity along the glyph, continuity, height, the digit recognised) and
+# world.json holds its audit against cheap imitations; the split of real digits and every trained weight are as in 4.
+FORMAT_VERSION = 5
+# 2 has no flow generator, 3 one of 900 steps; 2, 3 and 4 have the judges of before. Everything else is the same.
+UPGRADABLE_FORMATS = (2, 3, 4)
+FLOW_OUTDATED_FORMATS = (2, 3)
 FLOW_SETTINGS_PREFIX = "flow_"  # only these settings differ between an upgradable world and this ganrm's
 STYLE_QUANTILE = 0.25  # "thin": at most the ink of the thinnest quarter of real digits
 # The flow generator's guidance: the smallest whose base class accuracy is within a point of the best in a sweep
@@ -246,8 +252,9 @@ def load_world(path: str | Path | None = None) -> World:
     if _upgradable(root, info):
         raise WorldError(
             f"the world in {root} has format {info['format_version']}, this ganrm reads format {FORMAT_VERSION}:"
-            f" upgrade it with `ganrm world build --out {root}{_seed_and_preset_options(info)}` (it trains only the"
-            " flow-matching generator, minutes)"
+            f" upgrade it with `ganrm world build --out {root}{_seed_and_preset_options(info)}` (it refits the judges"
+            " and judges the generators again, about a minute; a world of format 2 or 3 also has its flow-matching"
+            " generator trained, minutes)"
         )
     if info.get("format_version") != FORMAT_VERSION:
         raise WorldError(
@@ -356,8 +363,10 @@ def _prepare_data(seed: int, settings: WorldSettings) -> _Data:
     # Targets have the whole style; "ordinary" digits are clearly not thin. The few thin-by-ink digits that miss the
     # style's other criteria (a faint or broken real glyph) belong to neither and are left out.
     split = _split(
-        real, rule_measure(style, real.pixels()) >= 0, ink > style.max_ink, settings, np.random.RandomState(seed)
+        real, split_measure(style, real.pixels()) >= 0, ink > style.max_ink, settings, np.random.RandomState(seed)
     )
+    # The judge's stroke thresholds come from the target set only: held-out thin digits test them.
+    style = fit_stroke_thresholds(style, real.pixels(), real.pixels(split["target"]))
     heavier = split["ordinary"][(ink[split["ordinary"]] > torch.quantile(ink, settings.generator_ink_quantile)).numpy()]
     return _Data(real=real, style=style, split=split, heavier=heavier)
 
@@ -372,7 +381,7 @@ def _build_into(root: Path, seed: int, settings: WorldSettings) -> dict:
     _write_digit_folder(root / "heldout" / "target", real, split["heldout_target"])
     _write_digit_folder(root / "heldout" / "other", real, split["heldout_other"])
 
-    judges = Judges.fit(style, real.pixels(training), real.digits[training], seed=seed)
+    judges = _fit_judges(data, seed)
     judges.save(root / "judge")
 
     torch.manual_seed(seed)
@@ -408,17 +417,7 @@ def _build_into(root: Path, seed: int, settings: WorldSettings) -> dict:
         root / "preview.png", base_pixels, base_digits, real.pixels(split["target"]), real.digits[split["target"]]
     )
 
-    other = real.pixels(split["heldout_other"])
-    figures = {
-        "base": _figures(judges, base_pixels, base_digits),
-        "target": _figures(judges, real.pixels(split["heldout_target"]), real.digits[split["heldout_target"]]),
-        "real_other": _figures(judges, other, real.digits[split["heldout_other"]]),
-        # Less ink is not thinner strokes: other real digits dimmed must not pass for the style.
-        **{
-            f"real_other_dimmed_{factor}": _figures(judges, other * factor, real.digits[split["heldout_other"]])
-            for factor in (0.9, 0.8, 0.7, 0.5)
-        },
-    }
+    figures = {"base": _figures(judges, base_pixels, base_digits), **_real_figures(judges, data)}
     info = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
@@ -430,12 +429,46 @@ def _build_into(root: Path, seed: int, settings: WorldSettings) -> dict:
         "sampling": sampling,
         "sizes": {**{name: len(indices) for name, indices in split.items()}, "generator_training": len(heavier)},
         "figures": figures,
+        "imitations": _audit(judges, data),
     }
     lap("figures")
     flow = _build_flow_into(root, data, judges, seed, settings, lap)
     info["flow_sampling"] = flow["sampling"]
     info["figures"] = {"base": figures["base"], "base_flow": flow["figures"], **figures}
     return {**info, "phase_seconds": lap.seconds}
+
+
+def _fit_judges(data: _Data, seed: int) -> Judges:
+    """The judges of a world: the style rule of `data`, the class judge and feature net fitted on its training
+    digits (the target set and the ordinary ones; never the held-out digits)."""
+    training = np.concatenate([data.split["target"], data.split["ordinary"]])
+    return Judges.fit(data.style, data.real.pixels(training), data.real.digits[training], seed=seed)
+
+
+def _real_figures(judges: Judges, data: _Data) -> dict:
+    """The judges' figures on held-out real digits, and on the other ones dimmed (less ink is not thinner strokes)."""
+    real, split = data.real, data.split
+    other, other_digits = real.pixels(split["heldout_other"]), real.digits[split["heldout_other"]]
+    return {
+        "target": _figures(judges, real.pixels(split["heldout_target"]), real.digits[split["heldout_target"]]),
+        "real_other": _figures(judges, other, other_digits),
+        **{
+            f"real_other_dimmed_{factor}": _figures(judges, other * factor, other_digits)
+            for factor in (0.9, 0.8, 0.7, 0.5)
+        },
+    }
+
+
+def _audit(judges: Judges, data: _Data) -> dict:
+    """The judge against cheap imitations of held-out ordinary digits, and on held-out thin digits (imitations.py)."""
+    real, split = data.real, data.split
+    return judge_audit(
+        judges,
+        real.pixels(split["heldout_other"]),
+        real.digits[split["heldout_other"]],
+        real.pixels(split["heldout_target"]),
+        real.digits[split["heldout_target"]],
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -448,7 +481,19 @@ def _build_flow_into(root: Path, data: _Data, judges: Judges, seed: int, setting
     shutil.rmtree(root / "pipeline_flow", ignore_errors=True)  # what an interrupted upgrade left
     pipe.save_pretrained(root / "pipeline_flow", safe_serialization=True)
     lap("flow_generator")
+    return _judge_flow(root, pipe, data, judges, seed, settings, lap)
 
+
+def _judge_flow(
+    root: Path,
+    pipe: StableDiffusion3Pipeline,
+    data: _Data,
+    judges: Judges,
+    seed: int,
+    settings: WorldSettings,
+    lap: _Laps,
+) -> dict:
+    """Sample the flow generator's figure samples, draw its preview and judge them: its sampling kwargs and figures."""
     prompts = [generator.prompt_for(digit) for digit in range(10)]
     sampling = {
         "guidance_scale": settings.flow_guidance_scale,
@@ -533,10 +578,10 @@ def _upgradable(root: Path, info: dict, seed: int | None = None, settings: World
 
 
 def upgrade_world(path: str | Path | None = None) -> Path:
-    """Bring a world of one of UPGRADABLE_FORMATS to FORMAT_VERSION in place: train, save and judge the flow
-    generator only (replacing an older one); every other file stays as it is. world.json is rewritten last
-    (atomically), so an interrupted upgrade leaves a world that is still of the old format and is upgraded again
-    next time."""
+    """Bring a world of one of UPGRADABLE_FORMATS to FORMAT_VERSION in place: refit the judges (seconds, from the
+    real digits) and judge the generators again; a world of FLOW_OUTDATED_FORMATS also has its flow generator
+    trained (replacing an older one). Every other file stays as it is. world.json is rewritten last (atomically),
+    so an interrupted upgrade leaves a world that is still of the old format and is upgraded again next time."""
     root = Path(path) if path is not None else default_world_dir()
     info = _read_info(root)
     if not _upgradable(root, info):
@@ -549,14 +594,34 @@ def upgrade_world(path: str | Path | None = None) -> Path:
     started = time.perf_counter()
     lap = _Laps()
     with _deterministic_torch(settings.threads):
-        flow = _build_flow_into(root, _prepare_data(seed, settings), Judges.load(root / "judge"), seed, settings, lap)
+        data = _prepare_data(seed, settings)
+        judges = _fit_judges(data, seed)
+        judges.save(root / "judge")
+        lap("data_and_judges")
+        pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline")
+        prompts = [generator.prompt_for(digit) for digit in range(10)]
+        base_pixels, base_digits = _sample_base(
+            pipe, prompts, info["sampling"], settings.figure_samples_per_prompt, seed
+        )
+        figures = {"base": _figures(judges, base_pixels, base_digits), **_real_figures(judges, data)}
+        audit = _audit(judges, data)
+        lap("figures")
+        if info["format_version"] in FLOW_OUTDATED_FORMATS:
+            flow = _build_flow_into(root, data, judges, seed, settings, lap)
+        else:
+            flow_pipe = StableDiffusion3Pipeline.from_pretrained(
+                root / "pipeline_flow", text_encoder_3=None, tokenizer_3=None
+            )
+            flow = _judge_flow(root, flow_pipe, data, judges, seed, settings, lap)
     upgraded = {
         **info,
         "format_version": FORMAT_VERSION,
         "settings": asdict(settings),
+        "style": asdict(data.style),
         "flow_sampling": flow["sampling"],
-        "figures": {**info["figures"], "base_flow": flow["figures"]},  # a format-3 world's old ones replaced
-        "phase_seconds": {**info.get("phase_seconds", {}), **lap.seconds},
+        "figures": {"base": figures["base"], "base_flow": flow["figures"], **figures},
+        "imitations": audit,
+        "phase_seconds": {**info.get("phase_seconds", {}), **{f"upgrade_{k}": v for k, v in lap.seconds.items()}},
         "build_seconds": round(info.get("build_seconds", 0) + time.perf_counter() - started, 1),
         "upgraded_from_format": info["format_version"],
     }
@@ -661,9 +726,10 @@ def _sample_base(
 def _figures(judges: Judges, pixels: torch.Tensor, digits: torch.Tensor) -> dict:
     return {
         "class_accuracy": round(judges.class_accuracy(pixels, digits), 4),
-        "style_rate": round(judges.style_rate(pixels), 4),
+        "style_rate": round(judges.style_rate(pixels, digits), 4),
         "faint_rate": round(judges.faint_rate(pixels), 4),
         "blank_rate": round(judges.blank_rate(pixels), 4),
+        "glyph_intensity": round(float(judges.glyph_intensity(pixels).median()), 4),
         "count": len(digits),
     }
 

@@ -1,9 +1,18 @@
 """The world's independent judges: they read pixels directly and share nothing with any reward model.
 
-- style ("thin strokes"): a whole glyph (enough lit cells), drawn at full intensity (its brightest pixel as bright as
-  real thin digits' are), with little ink (at most the ink of the thinnest quarter of real digits). All three
-  thresholds are fitted on real digits only. Ink alone would reward drawing less: a real ordinary digit dimmed to
-  80 % of its brightness has "little ink" but no full-intensity stroke, so it does not count.
+- style ("thin strokes"): a whole, recognisable glyph drawn with thin strokes at full intensity over its whole length.
+  Every threshold comes from real digits (the target set's thinnest-quarter digits), and each criterion refuses a
+  cheap way to look thin:
+  - little ink (stroke pixels only, so background noise adds none): the thinnest quarter of real digits;
+  - the brightest pixel as bright as real thin digits' (refuses uniform dimming);
+  - the stroke cores as bright along the whole glyph (the 90th percentile of the glyph's pixels, which a few bright
+    pixels or a small bright patch on a dimmed glyph barely move);
+  - whole strokes (no holes where pixels were dropped), a glyph as tall and as large as real thin digits' (refuses
+    shrunk glyphs and erased parts);
+  - the class judge reads the prompted digit (refuses fragments and scribbles).
+  What the rule cannot refuse is measured in world.json's `imitations` (see `imitations.py`): in scikit-learn's 8x8
+  digits a thin stroke is a partly covered cell, so an ordinary digit dimmed to 85-90 % looks like a real thin one.
+  `glyph_intensity` (the median brightness of the glyph's pixels) is reported beside every style rate for that reason.
 - faint: the brightest pixel below that of nearly every real thin digit; blank: hardly any lit cells. These are the
   cheap ways to "use less ink", reported beside every style rate.
 - class: a scikit-learn SVC trained on real digits brought to the 8x8 grid. It is refitted at load time from the
@@ -15,7 +24,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +35,34 @@ from sklearn.svm import SVC
 
 from ganrm_diffusers.utils.errors import CheckpointError
 from ganrm_diffusers.utils.images import to_pixels
-from ganrm_diffusers.world.style import STROKE_GRID, digit_grid, ink, lit_cells, peak
+from ganrm_diffusers.world.style import (
+    STROKE_GRID,
+    digit_grid,
+    glyph_height,
+    glyph_intensity,
+    ink,
+    lit_cells,
+    peak,
+    stroke_continuity,
+    stroke_core,
+    stroke_ink,
+)
 
 JUDGE_CONFIG = "judge.json"
 CLASS_DATA = "class_judge.safetensors"
 FEATURE_NET = "digit_features.safetensors"
 
 
+# The share of real thin (target) digits each stroke threshold may refuse: 1 %, as for the split's own thresholds.
+STROKE_QUANTILE = 0.01
+
+
 @dataclass(frozen=True)
 class StyleRule:
-    """A style defined on pixels (see the module docstring); every threshold comes from real digits."""
+    """A style defined on pixels (see the module docstring); every threshold comes from real digits.
+
+    The first group splits real digits into thin and ordinary (`split_measure`: the world's target set); the
+    stroke group, fitted on the target set, is what the judge adds for images that may be imitations."""
 
     name: str
     description: str
@@ -43,9 +70,22 @@ class StyleRule:
     min_peak: float  # brightest pixel on the 16 px grid; below it an image is "faint"
     min_lit_cells: int  # lit cells of the 8x8 grid a whole thin glyph covers
     blank_lit_cells: int  # fewer lit cells than this: "blank"
-    ink_scale: float  # spreads of the three measures among real digits, so style_measure reads in them
+    ink_scale: float  # spreads of the measures among real digits, so style_measure reads in them
     peak_scale: float
     lit_scale: float
+    # The stroke group (see the module docstring).
+    max_stroke_ink: float = float("nan")
+    min_core: float = float("nan")
+    min_continuity: float = float("nan")
+    min_height: float = float("nan")
+    core_scale: float = 1.0
+    continuity_scale: float = 1.0
+    height_scale: float = 1.0
+
+    @property
+    def has_strokes(self) -> bool:
+        """Whether the stroke group is fitted (a rule straight from `fit_style_rule` only splits real digits)."""
+        return all(value == value for value in (self.max_stroke_ink, self.min_core, self.min_continuity))
 
 
 class DigitFeatureNet(torch.nn.Module):
@@ -127,18 +167,24 @@ class Judges:
         """A boolean per image: hardly any glyph at all."""
         return lit_cells(images) < self.style.blank_lit_cells
 
-    def has_style(self, images: object) -> torch.Tensor:
-        """A boolean per image: a whole glyph with full-intensity, thin strokes."""
-        return self.style_measure(images) >= 0
+    def has_style(self, images: object, digits: object) -> torch.Tensor:
+        """A boolean per image: a whole glyph with full-intensity, thin strokes (`style_measure` >= 0) that the class
+        judge reads as the digit it was meant to show (`digits`: one int per image)."""
+        recognised = torch.as_tensor(self.is_correct(images, digits))
+        return (self.style_measure(images) >= 0) & recognised
 
     def style_measure(self, images: object) -> torch.Tensor:
-        """How far into the style each image is, in real-digit spreads of its weakest criterion (>= 0 exactly when
-        it has the style): the least of the ink margin, the peak-intensity margin and the glyph-size margin."""
+        """How far into the style each image's strokes are, in real-digit spreads of its weakest criterion (>= 0
+        exactly when every stroke criterion holds; the digit is not read here)."""
         return rule_measure(self.style, images)
 
-    def style_rate(self, images: object) -> float:
-        """The fraction of images that show the style."""
-        return float(self.has_style(images).float().mean())
+    def style_rate(self, images: object, digits: object) -> float:
+        """The fraction of images that show the style as the digit they were meant to show."""
+        return float(self.has_style(images, digits).float().mean())
+
+    def glyph_intensity(self, images: object) -> torch.Tensor:
+        """The median brightness of each glyph's pixels (see `ganrm_diffusers.world.style.glyph_intensity`)."""
+        return glyph_intensity(images)
 
     def faint_rate(self, images: object) -> float:
         return float(self.is_faint(images).float().mean())
@@ -204,8 +250,10 @@ class Judges:
         )
 
 
-def rule_measure(rule: StyleRule, images: object) -> torch.Tensor:
-    """`Judges.style_measure` for a bare rule (the world build splits real digits with it before judges exist)."""
+def split_measure(rule: StyleRule, images: object) -> torch.Tensor:
+    """How far into the thin style a real digit is (>= 0: thin), from ink, peak intensity and glyph size alone: the
+    world build splits real digits with it before any stroke threshold exists. Real digits are never dimmed or
+    broken, so for them these three criteria are the style; `rule_measure` adds the stroke group for any image."""
     margins = torch.stack(
         [
             (rule.max_ink - ink(images)) / rule.ink_scale,
@@ -216,9 +264,46 @@ def rule_measure(rule: StyleRule, images: object) -> torch.Tensor:
     return margins.amin(dim=0)
 
 
+def rule_measure(rule: StyleRule, images: object) -> torch.Tensor:
+    """`Judges.style_measure` for a bare rule: the least margin over every criterion, in real-digit spreads."""
+    if not rule.has_strokes:
+        raise ValueError("this style rule has no stroke thresholds: fit them with fit_stroke_thresholds")
+    margins = torch.stack(
+        [
+            (rule.max_stroke_ink - stroke_ink(images)) / rule.ink_scale,
+            (peak(images) - rule.min_peak) / rule.peak_scale,
+            (stroke_core(images) - rule.min_core) / rule.core_scale,
+            (stroke_continuity(images) - rule.min_continuity) / rule.continuity_scale,
+            (glyph_height(images) - rule.min_height) / rule.height_scale,
+            (lit_cells(images).float() - rule.min_lit_cells) / rule.lit_scale,
+        ]
+    )
+    return margins.amin(dim=0)
+
+
+def fit_stroke_thresholds(rule: StyleRule, real: object, target: object) -> StyleRule:
+    """`rule` with its stroke group fitted: the stroke ink at the same quantile of all `real` digits as `max_ink`
+    is of their ink, and the stroke-core intensity, continuity and glyph height that all but STROKE_QUANTILE of the
+    `target` digits (real thin digits, none held out) reach. Spreads are taken over all real digits."""
+    share = float((ink(real) <= rule.max_ink).float().mean())
+    core, continuity, height = stroke_core(target), stroke_continuity(target), glyph_height(target)
+    real_core, real_continuity, real_height = stroke_core(real), stroke_continuity(real), glyph_height(real)
+    return replace(
+        rule,
+        max_stroke_ink=float(torch.quantile(stroke_ink(real), share)),
+        min_core=float(torch.quantile(core, STROKE_QUANTILE)),
+        min_continuity=float(torch.quantile(continuity, STROKE_QUANTILE)),
+        min_height=float(torch.quantile(height, STROKE_QUANTILE).floor()),
+        core_scale=float(real_core.std()),
+        continuity_scale=float(real_continuity.std()),
+        height_scale=max(float(real_height.std()), 1.0),  # real digits nearly all span the grid: a pixel at least
+    )
+
+
 def fit_style_rule(images: object, quantile: float) -> StyleRule:
-    """The "thin" rule from real digits: little ink (at most the `quantile` of real digits' ink), and the peak
-    intensity and glyph size that 99 % of those real thin digits reach."""
+    """The rule that splits real digits into thin and ordinary: little ink (at most the `quantile` of real digits'
+    ink), and the peak intensity and glyph size that 99 % of those real thin digits reach. Its stroke group is
+    fitted on the resulting target set by `fit_stroke_thresholds`."""
     amount, brightest, lit = ink(images), peak(images), lit_cells(images).float()
     max_ink = float(torch.quantile(amount, quantile))
     thin = amount <= max_ink

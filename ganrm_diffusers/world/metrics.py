@@ -1,7 +1,7 @@
 """Set-level figures of a sample of world images, with 95 % bootstrap intervals.
 
 `evaluate(judges, images, digits, reference)` gives one report row: the per-image judges as rates (style, faint,
-blank, class), the kernel inception distance to the held-out target digits (in the judges' digit-feature space, and
+blank, class) and the mean glyph intensity, the kernel inception distance to the held-out target digits (in the judges' digit-feature space, and
 in pixel space beside it), and the diversity within each digit, each with a percentile bootstrap interval over the
 sample. A method that gets its style by drawing faint or blank digits, by losing the digit, or by collapsing to one
 glyph per digit shows it in these columns.
@@ -127,12 +127,14 @@ def diversity(images: object, digits: np.ndarray, *, seed: int = 0) -> tuple[flo
 
 
 def per_image(judges: object, images: object, digits: np.ndarray) -> dict[str, np.ndarray]:
-    """The judges' verdict on each image, as 0/1 arrays (the inputs of every rate and paired comparison)."""
+    """The judges' verdict on each image, as 0/1 arrays (the inputs of every rate and paired comparison), and its
+    glyph intensity (the median brightness of its glyph's pixels)."""
     return {
-        "style": judges.has_style(images).numpy().astype(np.float64),
+        "style": judges.has_style(images, digits).numpy().astype(np.float64),
         "faint": judges.is_faint(images).numpy().astype(np.float64),
         "blank": judges.is_blank(images).numpy().astype(np.float64),
         "correct": judges.is_correct(images, digits).astype(np.float64),
+        "glyph_intensity": judges.glyph_intensity(images).numpy().astype(np.float64),
     }
 
 
@@ -164,6 +166,9 @@ def evaluate(
         row[f"{name}_ci95"] = interval(verdicts[key])
     row["class_accuracy"] = float(verdicts["correct"].mean())
     row["class_accuracy_ci95"] = interval(verdicts["correct"])
+    # A method that buys its style by dimming shows it here before it shows as "faint".
+    row["glyph_intensity"] = float(verdicts["glyph_intensity"].mean())
+    row["glyph_intensity_ci95"] = interval(verdicts["glyph_intensity"])
     row["kid_to_target"], row["kid_to_target_ci95"] = kid(judges.features(images), reference.features)
     row["kid_pixels_to_target"], row["kid_pixels_to_target_ci95"] = kid(digit_grid(images).flatten(1), reference.pixels)
     row["diversity"], row["diversity_ci95"] = diversity(images, digits)
