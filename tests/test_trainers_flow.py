@@ -5,6 +5,7 @@ runs unchanged; families the trainers do not serve are refused before loading.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -263,3 +264,69 @@ def test_families_the_trainers_do_not_serve_are_refused_before_loading(assets, t
         setup_run(config)
     with pytest.raises(TrainingConfigError, match="noise level"):
         setup_run(replace(config, pretrained_model=str(assets["sd3"]), eta=1.0))
+
+
+def adversarial_prdp(assets: dict, out: Path, **overrides) -> train_prdp.PRDPConfig:
+    base = configs(assets, "sd3", out)["prdp"]
+    return replace(
+        base,
+        output_dir=str(out),
+        epochs=4,
+        adversarial=True,
+        target_dir=str(assets["target"]),
+        refresh_every=2,
+        rm_replay=1,
+        rm_max_epochs=5,
+        checkpoint_every=1,
+        checkpoints_total_limit=10,
+        **overrides,
+    )
+
+
+def test_adversarial_prdp_refreshes_the_discriminator_against_the_current_generator(assets, tmp_path):
+    config = adversarial_prdp(assets, tmp_path / "adversarial")
+    summary = train_prdp.train(config)
+    out = Path(config.output_dir)
+    refreshes = summary["refreshes"]
+    assert [(entry["refresh"], entry["epoch"]) for entry in refreshes] == [(1, 2), (2, 4)]
+    assert [entry["replayed_windows"] for entry in refreshes] == [0, 1]  # the replay of the window before
+    for entry in refreshes:
+        assert 0 <= entry["auc_vs_current"] <= 1 and 0 <= entry["previous_auc_vs_current"] <= 1
+    # Each refresh keeps the generator and the discriminator of its moment; the heads differ from the start's.
+    heads = [
+        GANRewardModel.from_pretrained(folder).head.state_dict()
+        for folder in (assets["rm"], out / "refresh-01" / "reward_model", out / "refresh-02" / "reward_model")
+    ]
+    for earlier, later in zip(heads, heads[1:], strict=False):
+        assert any(not torch.equal(earlier[key], later[key]) for key in earlier)
+    assert all(torch.equal(lora_of(out / "refresh-02" / "lora")[key], value) for key, value in lora_of(out).items())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records if "auc_vs_current" in record] == [2, 4]
+
+
+def test_adversarial_prdp_resumes_to_the_uninterrupted_run(assets, tmp_path, monkeypatch):
+    """Stopped in epoch 4 (inside the second window, one epoch of it observed), resumed from the epoch-3 checkpoint:
+    the same refreshes and the same LoRA as a run never stopped."""
+    straight = train_prdp.train(adversarial_prdp(assets, tmp_path / "straight"))
+    sample_epoch = train_prdp.sample_epoch
+
+    def stop_at_the_last_epoch(run, prompts, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return sample_epoch(run, prompts, epoch)
+
+    monkeypatch.setattr(train_prdp, "sample_epoch", stop_at_the_last_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_prdp.train(adversarial_prdp(assets, tmp_path / "stopped"))
+    monkeypatch.setattr(train_prdp, "sample_epoch", sample_epoch)
+    resumed = train_prdp.train(adversarial_prdp(assets, tmp_path / "stopped", resume="latest"))
+    assert [entry["auc_vs_current"] for entry in resumed["refreshes"]] == [
+        entry["auc_vs_current"] for entry in straight["refreshes"]
+    ]
+    one, two = lora_of(tmp_path / "straight"), lora_of(tmp_path / "stopped")
+    assert all(torch.equal(one[key], two[key]) for key in one)
+
+
+def test_adversarial_prdp_needs_target_images(assets, tmp_path):
+    with pytest.raises(TrainingConfigError, match="--target_dir"):
+        replace(adversarial_prdp(assets, tmp_path / "x"), target_dir="").check()

@@ -136,6 +136,14 @@ class GANRewardModel(ModelMixin, ConfigMixin):
             )
         return self.encoder.encode_text(prompts)
 
+    def copy(self) -> GANRewardModel:
+        """A model with its own copy of the head and the same (frozen, shared) backbone: what an adversarial loop
+        trains further while the original keeps scoring."""
+        config = {key: value for key, value in self.config.items() if not key.startswith("_")}
+        clone = type(self)(**config, clip_backbone=self.encoder)
+        clone.head.load_state_dict(self.head.state_dict())
+        return clone.to(self.device).eval()
+
     @torch.inference_mode()
     def score(
         self,

@@ -22,6 +22,13 @@ convention: log-probabilities are means over latent elements and ratios means ov
 element and per step. A warning names a beta that puts the targets R/beta more than 100x away from the log-ratio
 gaps the run shows.
 
+Adversarial (`--adversarial --target_dir TARGETS`, GAN-RM's loop online): every `refresh_every` epochs the reward
+model's head is retrained on the target images against the samples PRDP drew in those epochs (and a replay of
+earlier windows), so the reward follows the current generator and an exploit becomes a negative
+(ganrm_diffusers.training.adversary). Each refresh records the refreshed head's held-out AUC against the current
+generator and the old head's on the same images (the hacking alarm), and keeps the LoRA and the reward model of
+that moment in output_dir/refresh-<k>/ for judging the run refresh by refresh.
+
 The loss depends on all steps of a trajectory at once (through the mean over T), yet all B x T UNet evaluations
 cannot keep their graphs at once on a real model. Each gradient step therefore takes the loss's gradient with
 respect to the per-step log-ratios first (no UNet graph), then backpropagates `coefficient x log-prob` one chunk
@@ -34,13 +41,18 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ganrm_diffusers.generation.flow_sampler import DEFAULT_NOISE_LEVEL
+from ganrm_diffusers.generation.lora import save_lora
 from ganrm_diffusers.generation.sampling import Trajectory
+from ganrm_diffusers.reward.embedding_cache import embed_files
+from ganrm_diffusers.reward.training import RewardTrainingConfig
+from ganrm_diffusers.training.adversary import OnlineDiscriminator
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError, option, parse_config
 from ganrm_diffusers.training.examples import config_prompts, evaluate_reward, score_images
 from ganrm_diffusers.training.losses import normalize_rewards, prdp_loss, regression_scales
@@ -111,6 +123,14 @@ class PRDPConfig(FinetuneConfig):
     )
     checkpoint_every: int = option(10, "write a checkpoint every this many epochs (an epoch's samples are not kept)")
     max_train_steps: int = option(0, "unused by PRDP: it takes epochs x inner_steps optimizer steps")
+    adversarial: bool = option(
+        False, "refresh the reward model's head against the current generator's samples (needs --target_dir)"
+    )
+    target_dir: str = option("", "adversarial: folder of target images, the discriminator's positives")
+    refresh_every: int = option(2, "adversarial: epochs between refreshes (and after the last epoch)")
+    rm_replay: int = option(2, "adversarial: earlier windows of samples kept as negatives beside the newest")
+    rm_max_epochs: int = option(30, "adversarial: head epochs per refresh (early stopping on held-out loss)")
+    rm_fresh_head: bool = option(False, "adversarial: retrain the head from scratch at each refresh (not warm)")
 
     @property
     def method(self) -> str:
@@ -129,6 +149,14 @@ class PRDPConfig(FinetuneConfig):
             )
         if self.beta <= 0:
             raise TrainingConfigError(f"--beta must be positive, got {self.beta}")
+        if self.adversarial and not self.target_dir:
+            raise TrainingConfigError("--adversarial refreshes the reward model on target images: pass --target_dir")
+        if self.refresh_every < 1 or self.rm_replay < 0:
+            raise TrainingConfigError("--refresh_every must be >= 1 and --rm_replay >= 0")
+
+    def reward_training(self) -> RewardTrainingConfig:
+        """How each refresh trains the head (the reward trainer's defaults, this run's seed and epochs)."""
+        return RewardTrainingConfig(max_epochs=self.rm_max_epochs, seed=self.seed)
 
 
 @dataclass
@@ -271,6 +299,10 @@ CURVES = (
     ("PRDP loss", ("loss",)),
     ("diversity: pixel std within a prompt", ("image_spread",)),
 )
+ADVERSARIAL_CURVES = (
+    *CURVES,
+    ("discriminator held-out AUC vs the current generator", ("auc_vs_current", "previous_auc_vs_current")),
+)
 
 
 def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
@@ -286,7 +318,11 @@ def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
             f"--prompts_per_epoch {config.prompts_per_epoch} must divide among {processes} processes"
         )
     optimizer, lr_scheduler = make_optimizer(run, config.epochs * config.inner_steps)
+    adversary = online_discriminator(run) if config.adversarial else None
     state = resume_if_asked(run, optimizer, lr_scheduler) or {"step": 0, "epoch": 0}
+    if adversary is not None and state["epoch"] > 0:
+        adversary.load(adversary_file(run, state["epoch"]))
+        run.reward_model = adversary.model
     if state["epoch"] == 0 and (evaluation := evaluate_reward(run, prompts)):
         run.metrics.append({"step": 0, "epoch": 0, **evaluation})
     bar = tqdm(
@@ -320,12 +356,65 @@ def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
         }
         if config.eval_every and (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             record.update(evaluate_reward(run, prompts))
+        if adversary is not None:
+            record.update(refresh_if_due(run, adversary, samples, epoch + 1))
         run.metrics.append(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3g}", refresh=False)
         if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
             checkpoint(run, step, optimizer, lr_scheduler, {"epoch": epoch + 1})
+            if adversary is not None and run.is_main:
+                adversary.save(adversary_file(run, epoch + 1))
     bar.close()
-    return finish_run(run, CURVES, {"epochs": config.epochs}, x_key="epoch")
+    summary = {"epochs": config.epochs}
+    if adversary is not None:
+        summary["refreshes"] = adversary.refreshes
+    return finish_run(run, ADVERSARIAL_CURVES if adversary is not None else CURVES, summary, x_key="epoch")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Adversarial: the reward model follows the generator
+
+
+def online_discriminator(run: FinetuneRun) -> OnlineDiscriminator:
+    """The run's reward model as the starting discriminator, with the target images embedded once."""
+    config = run.config
+    model = run.reward_model
+    if model.config.prompt_aware:
+        raise TrainingConfigError("--adversarial refreshes image-only reward models (as GAN-RM); this is prompt-aware")
+    targets = embed_files(model.encoder, config.target_dir, cache=None, strict=False, min_images=8).embeddings
+    return OnlineDiscriminator(
+        model=model,
+        targets=targets.float().cpu(),
+        config=config.reward_training(),
+        replay=config.rm_replay,
+        warm_start=not config.rm_fresh_head,
+    )
+
+
+def adversary_file(run: FinetuneRun, epoch: int) -> Path:
+    """The discriminator's state at the checkpoint of `epoch` (beside the checkpoints, one per checkpoint kept)."""
+    return run.output_dir / "adversary" / f"epoch-{epoch:05d}.safetensors"
+
+
+def refresh_if_due(run: FinetuneRun, adversary: OnlineDiscriminator, samples: EpochSamples, epoch: int) -> dict:
+    """Add the epoch's samples to the current window; at a refresh epoch (every refresh_every, and the last) refresh
+    the discriminator, make it the run's reward model, and keep the LoRA and the reward model of that moment in
+    output_dir/refresh-<k>/. Returns the refresh's monitors for the epoch's record ({} between refreshes)."""
+    config = run.config
+    adversary.observe(run.accelerator.gather(samples.trajectory.images.contiguous()))
+    if epoch % config.refresh_every and epoch != config.epochs:
+        return {}
+    entry = adversary.refresh(epoch=epoch)
+    run.reward_model = adversary.model
+    folder = run.output_dir / f"refresh-{entry['refresh']:02d}"
+    if run.is_main:
+        save_lora(run.denoiser, folder / "lora", pretrained_model=config.pretrained_model)
+        adversary.model.save_pretrained(folder / "reward_model")
+        run.print(
+            f"refresh {entry['refresh']} (epoch {epoch}): AUC {entry['auc_vs_current']:.3f} against the current"
+            f" generator ({entry['previous_auc_vs_current']:.3f} before the refresh)"
+        )
+    return {key: entry[key] for key in ("auc_vs_current", "previous_auc_vs_current")}
 
 
 def main(argv: list[str] | None = None) -> None:
