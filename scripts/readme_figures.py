@@ -249,9 +249,49 @@ LEGEND = (
 
 def family_lines(family: dict) -> list[str]:
     lines = methods_table(family.get("methods") or {})
+    if isinstance(family.get("rounds"), list) and family["rounds"]:
+        lines += ["", "GAN-RM's adversarial loop, stage by stage (`families.<family>.rounds`):", ""]
+        lines += stages_table(family["rounds"])
     if "reward_model" in family:
         lines += ["", reward_model_sentence(family["reward_model"], family.get("world"))]
     return lines + tuning_lines(family.get("settings"))
+
+
+STAGE_COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
+    ("loop", lambda entry: f"`{entry.get('loop')}`"),
+    ("stage", _plain("stage")),
+    ("AUC vs current", _plain("auc_vs_current")),
+    ("previous AUC vs current", _plain("previous_auc_vs_current")),
+    ("style_rate [95 % CI]", _with_interval("style_rate")),
+    ("faint_rate", _plain("faint_rate")),
+    ("blank_rate", _plain("blank_rate")),
+    ("glyph_intensity", _plain("glyph_intensity")),
+    ("class_accuracy", _plain("class_accuracy")),
+    ("kid_to_target", _plain("kid_to_target")),
+)
+
+
+def stages_table(stages: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(name for name, _ in STAGE_COLUMNS) + " |", "|---" * len(STAGE_COLUMNS) + "|"]
+    for entry in stages:
+        lines.append("| " + " | ".join(cell(entry) for _, cell in STAGE_COLUMNS) + " |")
+    return lines
+
+
+def goals_lines(report: dict) -> list[str]:
+    """Every goal the report checked, with its verdict: the UNet generator's, then each family's (selection,
+    fine-tuning and the adversarial loop's). Failures stay in the table, marked."""
+    groups = [("UNet generator", report.get("goals"))]
+    for name, family in (report.get("families") or {}).items():
+        if isinstance(family, dict):
+            groups += [(f"`{name}`", family.get("goals")), (f"`{name}` loop", family.get("loop_goals"))]
+    lines = ["| generator | goal | value [95 % CI] | bar | met |", "|---|---|---|---|---|"]
+    for label, checks in groups:
+        for check in checks or []:
+            value = number(check.get("value")) + interval(check.get("value_ci95"))
+            verdict = "yes" if check.get("met") else "**no**"
+            lines.append(f"| {label} | {check.get('goal')} | {value} | {check.get('bar')} | {verdict} |")
+    return lines if len(lines) > 2 else []
 
 
 def results_region(report: dict) -> list[str]:
@@ -268,6 +308,9 @@ def results_region(report: dict) -> list[str]:
     for name, family in families.items():
         lines += [f"**Family `{name}`**", ""] + family_lines(family if isinstance(family, dict) else {}) + [""]
     lines += [LEGEND, "", reward_model_sentence(report.get("reward_model"), report.get("world"))]
+    goal_table = goals_lines(report)
+    if goal_table:
+        lines += ["Every goal the report checks, with its verdict (failures included):", ""] + goal_table + [""]
     dimming = dimming_sentence(report)
     audit = judge_audit_sentence(report.get("world"))
     timing = timing_sentence(report.get("timing"))

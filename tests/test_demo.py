@@ -211,6 +211,35 @@ def test_the_rounds_row_reports_every_round(demo_out):
     assert (demo_out / "rounds_curves.png").is_file() and "## GAN-RM rounds" in (demo_out / "report.md").read_text()
 
 
+def test_the_flow_family_runs_gan_rms_adversarial_loop_beside_the_fixed_reward_rows(demo_out):
+    """The report contract: families.<family>.methods has `rounds` and `prdp_adversarial` beside `dpo` and `prdp`
+    with every judge field; families.<family>.rounds has one entry per round or refresh with the discriminator's AUC
+    and the judges' figures; both loops' LoRAs are kept; their goals are reported."""
+    report = json.loads((demo_out / "report.json").read_text())
+    family = report["families"]["sd3_flow"]
+    methods, stages = family["methods"], family["rounds"]
+    for name in ("rounds", "prdp_adversarial", "dpo", "prdp"):
+        assert all(math.isfinite(methods[name][key]) for key in (*ROW_FIELDS, "glyph_intensity")), name
+        assert methods[name]["baseline"] == "base", name
+    assert methods["prdp_adversarial"]["settings"]["epochs"] == methods["prdp"]["settings"]["epochs"]
+    for loop in ("rounds", "prdp_adversarial"):
+        entries = [entry for entry in stages if entry["loop"] == loop]
+        assert [entry["stage"] for entry in entries] == list(range(1, len(entries) + 1)) and len(entries) >= 2
+        for entry in entries:
+            for key in ("auc_vs_current", "style_rate", "faint_rate", "class_accuracy", "kid_to_target"):
+                assert math.isfinite(entry[key]), (loop, key)
+        assert entries[-1]["style_rate"] == methods[loop]["style_rate"]  # the last stage's generator is the row
+        lora = demo_out / "lora" / "sd3_flow" / loop
+        assert (lora / DIFFUSERS_WEIGHT_NAME).is_file() and (lora / COMFYUI_WEIGHT_NAME).is_file(), loop
+        assert (demo_out / f"sd3_flow_{loop}_monitors.png").is_file()
+    refreshes = [entry for entry in stages if entry["loop"] == "prdp_adversarial"]
+    assert [entry["epoch"] for entry in refreshes] == list(range(1, methods["prdp"]["settings"]["epochs"] + 1))
+    goals = {goal["goal"] for goal in family["loop_goals"]}
+    assert any(goal.startswith("prdp_adversarial style rate / base") for goal in goals)
+    assert any(goal.startswith("rounds style rate - dpo") for goal in goals)
+    assert "### GAN-RM's adversarial loop" in (demo_out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo", "prdp", "rounds"])
 def test_each_trainer_left_both_lora_files(demo_out, method):
     folder = demo_out / "lora" / method

@@ -44,6 +44,10 @@ def demo_command(args: argparse.Namespace) -> int:
         raise SystemExit(
             "ganrm demo: flow_finetune fine-tunes the flow generator with the flow group's reward model: add flow"
         )
+    if "flow_adversarial" in methods and "flow_finetune" not in methods:
+        raise SystemExit(
+            "ganrm demo: flow_adversarial runs beside the fixed-reward rows at their chosen budgets: add flow_finetune"
+        )
     report = run_demo(
         DemoSettings(out=args.out, world=args.world, seed=args.seed, methods=methods, quick=args.quick, tune=args.tune)
     )

@@ -31,6 +31,8 @@ from ganrm_diffusers.training.run import peak_memory, setup_run
 from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digits
 
 METHODS = ("sft", "dpo", "prdp", "rounds")
+# Rows whose trainer module is another's with other settings (`prdp_adversarial`: prdp.py --adversarial).
+TRAINER_OF = {"prdp_adversarial": "prdp"}
 
 
 def finetune_root(out_dir: Path, family: str = "") -> Path:
@@ -110,6 +112,22 @@ def demo_configs(
             samples_per_prompt=8,
             train_batch_size=80,
             eval_every=6,
+        ),
+        # Online PRDP (Adv-GRPO's scheme with PRDP's objective): the PRDP row's run, its reward model's head retrained
+        # (warm) on the target digits against the samples of every epoch, with the two windows before it replayed.
+        "prdp_adversarial": PRDPConfig(
+            **{**shared, "num_inference_steps": 10, "checkpoint_every": 10},
+            output_dir=str(run_root / "prdp_adversarial"),
+            epochs=24,
+            prompts_per_epoch=10,
+            samples_per_prompt=8,
+            train_batch_size=80,
+            eval_every=6,
+            adversarial=True,
+            target_dir=str(world.target_dir),
+            refresh_every=1,
+            rm_replay=2,
+            rm_max_epochs=30,
         ),
         # GAN-RM's round loop with DPO at the DPO row's total budget (2 rounds x 75 steps = 150 steps): each round a
         # fresh discriminator (the world's CLIP + the demo's head shape) against the current generator's 400
@@ -207,7 +225,7 @@ def _train(method: str, config, reward_model: GANRewardModel) -> tuple[dict, dic
     """Run one trainer in this process; its wall time and peak memory (VmHWM is reset first, where Linux allows)."""
     import importlib
 
-    trainer = importlib.import_module(f"ganrm_diffusers.training.{method}")
+    trainer = importlib.import_module(f"ganrm_diffusers.training.{TRAINER_OF.get(method, method)}")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS to the current RSS
     except OSError:
@@ -252,5 +270,8 @@ def _settings(config) -> dict:
         "rounds",
         "rm_negatives_per_prompt",
         "rm_pool_per_prompt",
+        "refresh_every",
+        "rm_replay",
+        "rm_max_epochs",
     )
     return {key: getattr(config, key) for key in keep if hasattr(config, key)}

@@ -66,6 +66,67 @@ def goals(methods: dict[str, dict], num_candidates: int = 8) -> list[dict]:
     return checks
 
 
+# The adversarial loops' rows and the fixed-reward rows they are measured against (the same training budget).
+LOOP_BASELINES = {"rounds": "dpo", "prdp_adversarial": "prdp"}
+
+
+def loop_goals(methods: dict[str, dict], stages: list[dict]) -> list[dict]:
+    """The adversarial loops' goals on one generator: stable style from stage to stage, faint and blank within 2
+    points of base at every stage, the loop's row beating its fixed-reward row at the same budget (more style at
+    equal or lower faint), and online PRDP at 4x base's style with every bar held."""
+    base, checks = methods["base"], []
+
+    def check(name: str, value: float, bar: str, met: bool, interval: list[float] | None = None) -> None:
+        checks.append({"goal": name, "value": value, "bar": bar, "met": bool(met)})
+        if interval is not None:
+            checks[-1]["value_ci95"] = interval
+
+    for loop, fixed in LOOP_BASELINES.items():
+        entries = [entry for entry in stages if entry["loop"] == loop]
+        if not entries or loop not in methods:
+            continue
+        # "never falls by more than its 95 % interval": the drop from one stage to the next, after stage 1, against
+        # the half-width of the earlier stage's interval.
+        drops = [
+            (
+                earlier["style_rate"] - later["style_rate"],
+                (earlier["style_rate_ci95"][1] - earlier["style_rate_ci95"][0]) / 2,
+            )
+            for earlier, later in zip(entries[:-1], entries[1:], strict=True)
+        ][1:]
+        worst = max((drop - width for drop, width in drops), default=float("-inf"))
+        check(
+            f"{loop}: largest style drop between stages after stage 1, beyond its 95 % half-width",
+            worst,
+            "<= 0",
+            worst <= 0,
+        )
+        for key in ("faint_rate", "blank_rate"):
+            excess = max(entry[key] - base[key] for entry in entries)
+            check(f"{loop}: largest {key} - base over its stages", excess, "within 2 points", excess <= 0.02)
+        row = methods[loop]
+        if fixed in methods:
+            other = methods[fixed]
+            gain = row["style_rate"] - other["style_rate"]
+            met = gain > 0 and row["faint_rate"] <= other["faint_rate"]
+            check(f"{loop} style rate - {fixed} (same budget), at equal or lower faint", gain, "> 0", met)
+    if "prdp_adversarial" in methods:
+        row = methods["prdp_adversarial"]
+        held = (
+            row["faint_rate"] - base["faint_rate"] <= 0.02
+            and row["blank_rate"] - base["blank_rate"] <= 0.02
+            and base["class_accuracy"] - row["class_accuracy"] <= 0.03
+        )
+        check(
+            "prdp_adversarial style rate / base, with faint, blank and class bars held",
+            row["style_ratio"],
+            ">= 4",
+            row["style_ratio"] >= 4 and held,
+            row.get("style_ratio_ci95"),
+        )
+    return checks
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -152,6 +213,22 @@ def imitations_table(audit: dict | None) -> str:
     return "\n".join(lines)
 
 
+def loop_stages_table(stages: list[dict]) -> str:
+    """One line per stage of each adversarial loop: the discriminator's held-out AUCs and the judges' figures."""
+    lines = [
+        "| loop | stage | AUC vs current | previous AUC vs current | style_rate | faint_rate | blank_rate |"
+        " glyph_intensity | class_accuracy | kid_to_target | diversity |",
+        "|---" * 11 + "|",
+    ]
+    for entry in stages:
+        cells = [entry["loop"], str(entry["stage"]), _cell(entry["auc_vs_current"])]
+        cells += [_cell(entry.get("previous_auc_vs_current")), _with_interval(entry, "style_rate")]
+        cells += [_cell(entry[key]) for key in ("faint_rate", "blank_rate", "glyph_intensity", "class_accuracy")]
+        cells += [_cell(entry["kid_to_target"]), _cell(entry["diversity"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _reward_models_table(report: dict) -> str:
     models = [name for name in ("reward_model", "reward_model_brightness_augmented") if name in report]
     figures = [
@@ -195,11 +272,35 @@ generator's samples): AUC target vs base {_cell(model.get("auc"))}, target vs ot
 {methods_table(family["methods"])}
 
 {goals_table(family.get("goals", []))}
-
+{_loops_section(name, family)}
 {pictures}
 """
         )
     return "\n".join(sections)
+
+
+def _loops_section(name: str, family: dict) -> str:
+    """GAN-RM's adversarial loops on this generator, stage by stage, and their goals ('' when they did not run)."""
+    stages = family.get("rounds")
+    if not stages:
+        return ""
+    pictures = "\n".join(
+        f"![{loop} monitors]({name}_{loop}_monitors.png)" for loop in dict.fromkeys(e["loop"] for e in stages)
+    )
+    return f"""
+### GAN-RM's adversarial loop (rows `rounds`, `prdp_adversarial`)
+`rounds`: round t trains a discriminator on the target digits against G_t's samples, then DPO on its best and worst
+of 8 candidates gives G_{{t+1}}, the DPO row's steps split over the rounds. `prdp_adversarial`: the PRDP row's run
+with its discriminator refreshed (warm, with a replay of the two windows before) on the samples of every epoch.
+AUCs are held out: the refreshed discriminator against the generator of that stage, and the previous one on the
+same images (the hacking alarm). The judges' figures are the stage's generator on the evaluation set.
+
+{loop_stages_table(stages)}
+
+{goals_table(family.get("loop_goals", []))}
+
+{pictures}
+"""
 
 
 def _finetune_choice(tuning: dict) -> str:

@@ -29,7 +29,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ganrm_diffusers.demo.generators import FLOW_FAMILY, Generator
-from ganrm_diffusers.demo.report import goals, write_report
+from ganrm_diffusers.demo.report import goals, loop_goals, write_report
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.reward.training import RewardTrainingConfig, fit_reward_model, roc_auc, save_training_outputs
@@ -51,7 +51,11 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 # GAN-RM (report: families.sd3_flow).
 # "flow_finetune": SFT, DPO and PRDP on the flow generator (families.sd3_flow.methods.{sft,dpo,prdp}, LoRAs in
 # <out>/lora/sd3_flow/), at settings chosen on its own tuning seeds (FLOW_FINETUNE_CANDIDATES); it needs "flow".
-METHOD_GROUPS = ("selection", "fk", "flow", "flow_finetune", "sft", "dpo", "prdp", "rounds")
+# "flow_adversarial": GAN-RM's own loop on the flow generator, beside the fixed-reward rows of "flow_finetune" at the
+# same budget: online PRDP (`prdp_adversarial`, the PRDP row's epochs with its discriminator refreshed every epoch)
+# and the round loop (`rounds`, DPO at the DPO row's total steps split over FLOW_ROUNDS rounds); each stage judged
+# on the evaluation set (families.sd3_flow.rounds, `<family>_<loop>_monitors.png`). It needs "flow_finetune".
+METHOD_GROUPS = ("selection", "fk", "flow", "flow_finetune", "flow_adversarial", "sft", "dpo", "prdp", "rounds")
 # `make demo` (`ganrm demo` without --methods) runs these, chosen for the 45-minute budget on 2 CPU cores from a
 # fresh clone, world build (14-19 of them) included: best-of-N and pruning on both generators, and SFT, DPO and PRDP
 # on the flow-matching one, today's model family (`make demo` measured from a fresh clone: 35.2 minutes, 2.2 of them
@@ -59,7 +63,7 @@ METHOD_GROUPS = ("selection", "fk", "flow", "flow_finetune", "sft", "dpo", "prdp
 # `timing` has each run's stages). The other groups are opt-in (`--methods` adds them): "fk" (the
 # stochastic runs, about 23 CPU minutes), and the UNet generator's "sft", "dpo", "prdp" and "rounds" (GAN-RM's round
 # loop), 24 CPU minutes together in the last full run, whose figures are in the issue notes.
-DEFAULT_METHODS = ("selection", "flow", "flow_finetune")
+DEFAULT_METHODS = ("selection", "flow", "flow_finetune", "flow_adversarial")
 # Seed ranges that never overlap: reward-model negatives, its bootstrapping pool, the evaluation set every row
 # shares, and the tuning set where settings are chosen. The trainers draw their own samples below 10^7.
 NEGATIVES_FIRST_SEED = 10_000_000
@@ -120,10 +124,27 @@ TUNED_FLOW_FINETUNE = {"sft": "steps_75_lr_3e-4", "dpo": "beta_5000_steps_50", "
 TUNED_PRUNING = {"unet": "8to2_at30", "flow": "8to3_at20"}
 PRUNING_RULE = "largest share of best-of-N's reward gain kept at <= 0.5x its UNet evaluations (no judge)"
 # `--quick`: every trainer runs a few steps, enough to prove the path works end to end, not to move the figures.
+# The flow generator's adversarial loops (group "flow_adversarial"), at the fixed-reward rows' budgets: online PRDP
+# refreshes its discriminator after every epoch (the PRDP row's 6 epochs: 6 refreshes); the round loop splits the
+# DPO row's steps over FLOW_ROUNDS rounds (each round: 1 negative per prompt line for the discriminator, no
+# bootstrapping pool, 8 fresh candidates per prompt line; round 0's candidates are the DPO row's).
+FLOW_ROUNDS = 5
+FLOW_ADVERSARIAL = {
+    "prdp_adversarial": {"refresh_every": 1, "rm_replay": 2},
+    "rounds": {"rm_negatives_per_prompt": 1, "rm_pool_per_prompt": 0, "eval_every": 5},
+}
 QUICK_FINETUNE = {
     "sft": {"max_train_steps": 4, "eval_every": 2},
     "dpo": {"max_train_steps": 4, "eval_every": 2},
     "prdp": {"epochs": 2, "inner_steps": 1, "prompts_per_epoch": 2, "samples_per_prompt": 4, "eval_every": 1},
+    "prdp_adversarial": {
+        "epochs": 2,
+        "inner_steps": 1,
+        "prompts_per_epoch": 2,
+        "samples_per_prompt": 4,
+        "eval_every": 1,
+        "rm_max_epochs": 5,
+    },
     "rounds": {"rounds": 2, "max_train_steps": 2, "eval_every": 1, "rm_pool_per_prompt": 1, "bootstrap_m": 4},
 }
 
@@ -652,6 +673,9 @@ def _flow_finetune_rows(
         else TUNED_FLOW_FINETUNE
     )
     overrides = _chosen_overrides(tuning, FLOW_FINETUNE_CANDIDATES, chosen, methods, settings.quick)
+    if "flow_adversarial" in settings.methods:
+        overrides.update(_adversarial_overrides(overrides, settings.quick))
+        methods += list(FLOW_ADVERSARIAL)
     trained = training_rows(
         world,
         reward_model,
@@ -665,6 +689,100 @@ def _flow_finetune_rows(
     )
     for method, (samples, info) in trained.items():
         rows.add_samples(method, samples, baseline="base", extra=info)
+        if method in FLOW_ADVERSARIAL:
+            stages = _loop_stages(world, rows, settings, method, info, samples, Generator.flow(world))
+            family.setdefault("rounds", []).extend(stages)
+        on_update()
+    if "rounds" in family:
+        family["loop_goals"] = loop_goals(family["methods"], family["rounds"])
+
+
+def _adversarial_overrides(overrides: dict[str, dict], quick: bool) -> dict[str, dict]:
+    """The adversarial loops at their fixed-reward rows' budgets: online PRDP takes the PRDP row's chosen settings;
+    the round loop the DPO row's beta and learning rate, its steps split over FLOW_ROUNDS rounds."""
+    dpo = {**overrides["dpo"]}
+    steps = int(dpo.pop("max_train_steps", 150))
+    loops = {
+        "prdp_adversarial": {**overrides["prdp"], **FLOW_ADVERSARIAL["prdp_adversarial"]},
+        "rounds": {
+            **dpo,
+            **FLOW_ADVERSARIAL["rounds"],
+            "rounds": FLOW_ROUNDS,
+            "max_train_steps": max(1, steps // FLOW_ROUNDS),
+        },
+    }
+    if quick:
+        loops = {name: {**loop, **QUICK_FINETUNE[name]} for name, loop in loops.items()}
+    return loops
+
+
+def _loop_stages(
+    world: object,
+    rows: Rows,
+    settings: DemoSettings,
+    loop: str,
+    info: dict,
+    final: SampleSet,
+    generator: Generator,
+) -> list[dict]:
+    """Each stage of an adversarial loop (a round's G_{t+1}, or the generator at a refresh) judged on the evaluation
+    set, beside its discriminator's held-out AUC against the generator of that moment (`auc_vs_current`) and the
+    previous discriminator's on the same images (`previous_auc_vs_current`, the hacking alarm); drawn as curves in
+    `<family>_<loop>_monitors.png`. The last stage's LoRA is the run's final one, whose evaluation samples (`final`,
+    the loop's row) are reused."""
+    from ganrm_diffusers.generation.lora import load_lora_into_pipeline
+    from ganrm_diffusers.utils.plots import plot_metric_curves
+
+    run_dir = Path(info["run_dir"])
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    if loop == "rounds":
+        stages = [(entry, run_dir / f"round-{entry['round']:02d}" / "lora") for entry in summary["rounds"]]
+    else:
+        stages = [(entry, run_dir / f"refresh-{entry['refresh']:02d}" / "lora") for entry in summary["refreshes"]]
+    entries = []
+    for index, (entry, lora) in enumerate(stages):
+        samples = final
+        if index < len(stages) - 1:
+            pipe = generator.load()
+            load_lora_into_pipeline(pipe, lora)
+            pipe.fuse_lora()
+            label = generator.label(f"{loop} stage {index + 1}")
+            samples = sample_digits(pipe, world, settings.evaluation, settings.batch_size, label, generator.sampling)
+        judged = evaluate(world.judges, samples.images, samples.digits, rows.reference)
+        entries.append(
+            {
+                "loop": loop,
+                "stage": index + 1,
+                **{key: entry.get(key) for key in ("round", "refresh", "epoch") if key in entry},
+                "auc_vs_current": entry["auc_vs_current"],
+                "previous_auc_vs_current": entry.get("previous_auc_vs_current"),
+                **{key: judged[key] for key in LOOP_FIGURES},
+                **{f"{key}_ci95": judged[f"{key}_ci95"] for key in LOOP_FIGURES},
+            }
+        )
+    plot_metric_curves(
+        entries,
+        (
+            ("discriminator held-out AUC", ("auc_vs_current", "previous_auc_vs_current")),
+            ("generator at the stage (judges)", ("style_rate", "faint_rate", "blank_rate", "class_accuracy")),
+            ("glyph intensity and diversity", ("glyph_intensity", "diversity")),
+        ),
+        settings.out / f"{generator.family}_{loop}_monitors.png",
+        title=f"{loop}: stage by stage",
+        x_key="stage",
+    )
+    return entries
+
+
+LOOP_FIGURES = (
+    "style_rate",
+    "faint_rate",
+    "blank_rate",
+    "glyph_intensity",
+    "class_accuracy",
+    "kid_to_target",
+    "diversity",
+)
 
 
 def _chosen_overrides(
