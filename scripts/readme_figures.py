@@ -185,7 +185,8 @@ def judge_audit_sentence(world: object) -> str:
     """The style judge's audit of the report's world (world.json `imitations`): which cheap imitations of held-out
     ordinary digits it refuses, which it does not, and how many held-out thin digits it keeps ('' when absent)."""
     audit = world.get("imitations") if isinstance(world, dict) else None
-    if not isinstance(audit, dict) or not isinstance(audit.get("imitations_counted_as_style"), dict):
+    keys = ("imitations_counted_as_style", "heldout_thin_counted_as_style", "imitation_bar", "thin_bar")
+    if not isinstance(audit, dict) or not all(key in audit for key in keys):
         return ""
     bar, rates = audit["imitation_bar"], audit["imitations_counted_as_style"]
 
@@ -198,7 +199,7 @@ def judge_audit_sentence(world: object) -> str:
         f"{name.replace('_', ' ')} {rate:.0%}" for name, rate in audit["heldout_thin_counted_as_style"].items()
     )
     return (
-        f"The style judge against cheap imitations of {audit['ordinary_count']} held-out ordinary digits (share "
+        f"The style judge against cheap imitations of {audit.get('ordinary_count', DASH)} held-out ordinary digits (share "
         f"counted as thin; bar {bar:.0%}): refused: {listed(refused)}; **not refused**: {listed(missed)}. Held-out "
         f"real thin digits counted as thin (bar {audit['thin_bar']:.0%}): {kept}. `glyph_intensity` in every row "
         "shows a method that dims its glyphs."

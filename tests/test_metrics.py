@@ -85,7 +85,7 @@ class _CountingJudges:
     """Judges whose verdicts are read off the image: style = mean > 0.5, faint = mean < 0.1, never blank,
     correct when the first pixel encodes the digit."""
 
-    def has_style(self, images, digits):
+    def has_style(self, images, digits, correct=None):
         return images.mean(dim=(1, 2, 3)) > 0.5
 
     def glyph_intensity(self, images):

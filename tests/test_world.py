@@ -324,6 +324,8 @@ def test_the_stroke_thresholds_come_from_the_target_set_only(full_split_judges):
     assert not styled[~thin].any()
     refit = fit_stroke_thresholds(rule, pixels, data.real.pixels(data.split["target"]))
     assert refit == judges.style
+    # No held-out thin digit is in the set the thresholds come from.
+    assert set(data.split["target"]).isdisjoint(data.split["heldout_target"])
     held_out = fit_stroke_thresholds(rule, pixels, data.real.pixels(data.split["heldout_target"]))
     assert held_out != judges.style
 

@@ -304,9 +304,9 @@ def _probe(
         if judges is not None:
             images = output.candidates.cpu()
             expected = np.repeat(digits[start : start + len(part)], num_candidates)
-            has_style.append(judges.has_style(images, expected).view(len(part), num_candidates))
-            predicted = torch.as_tensor(np.asarray(judges.predict_digits(images)) == expected)
-            correct.append(predicted.view(len(part), num_candidates))
+            recognised = judges.is_correct(images, expected)
+            has_style.append(judges.has_style(images, expected, recognised).view(len(part), num_candidates))
+            correct.append(torch.as_tensor(recognised).view(len(part), num_candidates))
     return _Probe(
         checkpoint_scores={steps: torch.cat(parts) for steps, parts in sorted(early.items())},
         final_scores=torch.cat(final),

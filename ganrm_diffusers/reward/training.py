@@ -161,6 +161,16 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
+def embeddings_auc(model: GANRewardModel, targets: torch.Tensor, generated: torch.Tensor) -> float:
+    """Held-out AUC of `model`'s head on embeddings: target images (label 1) against generated ones (label 0),
+    wherever the embeddings lie (both are moved to the model's device)."""
+    with torch.no_grad():
+        embeddings = torch.cat([targets.to(model.device), generated.to(model.device)])
+        scores = model.score_embeddings(embeddings).float().cpu().numpy()
+    labels = np.concatenate([np.ones(len(targets)), np.zeros(len(generated))])
+    return roc_auc(scores, labels)
+
+
 def reset_head(model: GANRewardModel, seed: int) -> None:
     """Fresh head weights from `seed` (retraining starts from scratch, reproducibly)."""
     with torch.random.fork_rng(devices=[]):

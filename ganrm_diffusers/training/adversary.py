@@ -7,7 +7,8 @@ on-policy samples (which the trainer draws anyway) are embedded into the current
 head on the targets against the newest window plus a replay of the `replay` windows before it (a GAN's replay
 buffer: the generator cannot return to an old exploit unpunished), warm started from the current head by default
 (a few epochs move it; a fresh head would forget what the last refresh learnt). Its monitors, all on images the
-refreshed head never trained on (HELDOUT_SHARE of the newest window, and the head's own held-out targets):
+refreshed head never trained on (HELDOUT_SHARE of the newest window, and the head's own validation targets, which
+also chose its best epoch, so `auc_vs_current` is a little optimistic):
 - `auc_vs_current`: the refreshed head, held-out targets against held-out images of the newest window;
 - `previous_auc_vs_current`: the head before the refresh on the same images. This is the hacking alarm: it falls
   when the generator has moved into what the old discriminator took for the target; a refreshed head that cannot
@@ -21,15 +22,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.reward.training import (
     RewardDataset,
     RewardTrainingConfig,
+    embeddings_auc,
     reset_head,
-    roc_auc,
     split_validation,
     train_head,
 )
@@ -38,14 +38,6 @@ from ganrm_diffusers.utils.atomic import save_tensors_atomic
 
 # The share of the newest window held out of every refresh: the images its AUCs are measured on.
 HELDOUT_SHARE = 0.2
-
-
-def scores_auc(model: GANRewardModel, targets: torch.Tensor, generated: torch.Tensor) -> float:
-    """Held-out AUC of `model` on embeddings: target images (label 1) against generated ones (label 0)."""
-    with torch.no_grad():
-        scores = model.score_embeddings(torch.cat([targets, generated]).to(model.device)).float().cpu().numpy()
-    labels = np.concatenate([np.ones(len(targets)), np.zeros(len(generated))])
-    return roc_auc(scores, labels)
 
 
 def split_window(embeddings: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +73,8 @@ def refresh_discriminator(
     validation = split[1]
     heldout_targets = dataset.features[validation][dataset.labels[validation].cpu() == 1]
     metrics = {
-        "auc_vs_current": scores_auc(refreshed, heldout_targets, newest_heldout),
-        "previous_auc_vs_current": scores_auc(model, heldout_targets, newest_heldout),
+        "auc_vs_current": embeddings_auc(refreshed, heldout_targets, newest_heldout),
+        "previous_auc_vs_current": embeddings_auc(model, heldout_targets, newest_heldout),
         "negatives": len(negatives),
         "replayed_windows": len(earlier),
         **{key: value for key, value in result.metrics.items() if isinstance(value, (int, float))},
@@ -111,7 +103,8 @@ class OnlineDiscriminator:
 
     def refresh(self, **record: object) -> dict:
         """Close the current window and refresh the model on it (and the replay); returns the refresh's monitors
-        with `record` (e.g. the epoch) added, also kept in `refreshes`."""
+        with `record` (e.g. the epoch) added, also kept in `refreshes`. The monitors measure the window's newest
+        samples, which a trainer draws at the start of an epoch: the generator before that epoch's updates."""
         if not self.current:
             raise ValueError("no samples observed since the last refresh")
         self.windows = [*self.windows, torch.cat(self.current)][-(self.replay + 1) :]
@@ -132,6 +125,16 @@ class OnlineDiscriminator:
             tensors["current"] = torch.cat(self.current)
         metadata = {"refreshes": json.dumps(self.refreshes)}
         save_tensors_atomic(path, {key: value.contiguous() for key, value in tensors.items()}, metadata)
+
+    def adopt(self, folder: Path, entry: dict) -> None:
+        """Take the head a main process refreshed and saved in `folder` (a GANRewardModel folder), with its monitors
+        `entry`: other processes score with the very same discriminator, without training their own."""
+        self.windows = [*self.windows, torch.cat(self.current)][-(self.replay + 1) :]
+        self.current = []
+        model = self.model.copy()
+        model.head.load_state_dict(GANRewardModel.from_pretrained(folder).head.state_dict())
+        self.model = model
+        self.refreshes.append(entry)
 
     def load(self, path: Path) -> None:
         tensors, metadata = read_tensors(path)

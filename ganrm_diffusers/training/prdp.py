@@ -38,7 +38,9 @@ ratio clipped) are skipped.
 
 from __future__ import annotations
 
+import json
 import logging
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,7 @@ from ganrm_diffusers.training.run import (
     resume_if_asked,
     setup_run,
 )
+from ganrm_diffusers.utils.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +135,17 @@ class PRDPConfig(FinetuneConfig):
     rm_max_epochs: int = option(30, "adversarial: head epochs per refresh (early stopping on held-out loss)")
     rm_fresh_head: bool = option(False, "adversarial: retrain the head from scratch at each refresh (not warm)")
 
+    # An adversarial run's discriminator follows these: resuming with others would be another run.
+    RESUME_KEYS: typing.ClassVar[tuple[str, ...]] = (
+        *FinetuneConfig.RESUME_KEYS,
+        "adversarial",
+        "target_dir",
+        "refresh_every",
+        "rm_replay",
+        "rm_max_epochs",
+        "rm_fresh_head",
+    )
+
     @property
     def method(self) -> str:
         return "prdp"
@@ -151,8 +165,8 @@ class PRDPConfig(FinetuneConfig):
             raise TrainingConfigError(f"--beta must be positive, got {self.beta}")
         if self.adversarial and not self.target_dir:
             raise TrainingConfigError("--adversarial refreshes the reward model on target images: pass --target_dir")
-        if self.refresh_every < 1 or self.rm_replay < 0:
-            raise TrainingConfigError("--refresh_every must be >= 1 and --rm_replay >= 0")
+        if self.refresh_every < 1 or self.rm_replay < 0 or self.rm_max_epochs < 1:
+            raise TrainingConfigError("--refresh_every and --rm_max_epochs must be >= 1, --rm_replay >= 0")
 
     def reward_training(self) -> RewardTrainingConfig:
         """How each refresh trains the head (the reward trainer's defaults, this run's seed and epochs)."""
@@ -319,6 +333,8 @@ def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
         )
     optimizer, lr_scheduler = make_optimizer(run, config.epochs * config.inner_steps)
     adversary = online_discriminator(run) if config.adversarial else None
+    if adversary is not None:
+        run.reward_model = adversary.model
     state = resume_if_asked(run, optimizer, lr_scheduler) or {"step": 0, "epoch": 0}
     if adversary is not None and state["epoch"] > 0:
         adversary.load(adversary_file(run, state["epoch"]))
@@ -361,9 +377,9 @@ def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
         run.metrics.append(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3g}", refresh=False)
         if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+            if adversary is not None and run.is_main:  # before the checkpoint: a checkpoint never lacks its state
+                save_adversary(run, adversary, epoch + 1)
             checkpoint(run, step, optimizer, lr_scheduler, {"epoch": epoch + 1})
-            if adversary is not None and run.is_main:
-                adversary.save(adversary_file(run, epoch + 1))
     bar.close()
     summary = {"epochs": config.epochs}
     if adversary is not None:
@@ -376,9 +392,10 @@ def train(config: PRDPConfig, run: FinetuneRun | None = None) -> dict:
 
 
 def online_discriminator(run: FinetuneRun) -> OnlineDiscriminator:
-    """The run's reward model as the starting discriminator, with the target images embedded once."""
+    """A copy of the run's reward model as the starting discriminator (the caller's model is never changed), with
+    the target images embedded once."""
     config = run.config
-    model = run.reward_model
+    model = run.reward_model.copy()
     if model.config.prompt_aware:
         raise TrainingConfigError("--adversarial refreshes image-only reward models (as GAN-RM); this is prompt-aware")
     targets = embed_files(model.encoder, config.target_dir, cache=None, strict=False, min_images=8).embeddings
@@ -392,8 +409,19 @@ def online_discriminator(run: FinetuneRun) -> OnlineDiscriminator:
 
 
 def adversary_file(run: FinetuneRun, epoch: int) -> Path:
-    """The discriminator's state at the checkpoint of `epoch` (beside the checkpoints, one per checkpoint kept)."""
+    """The discriminator's state at the checkpoint of `epoch`, in output_dir/adversary/ beside the checkpoints (a
+    resumed run reads it from its own output_dir)."""
     return run.output_dir / "adversary" / f"epoch-{epoch:05d}.safetensors"
+
+
+def save_adversary(run: FinetuneRun, adversary: OnlineDiscriminator, epoch: int) -> None:
+    """Save the discriminator's state of `epoch`, keeping as many states as checkpoints_total_limit keeps
+    checkpoints."""
+    adversary.save(adversary_file(run, epoch))
+    limit = run.config.checkpoints_total_limit
+    if limit:
+        for stale in sorted((run.output_dir / "adversary").glob("epoch-*.safetensors"))[:-limit]:
+            stale.unlink(missing_ok=True)
 
 
 def refresh_if_due(run: FinetuneRun, adversary: OnlineDiscriminator, samples: EpochSamples, epoch: int) -> dict:
@@ -404,12 +432,19 @@ def refresh_if_due(run: FinetuneRun, adversary: OnlineDiscriminator, samples: Ep
     adversary.observe(run.accelerator.gather(samples.trajectory.images.contiguous()))
     if epoch % config.refresh_every and epoch != config.epochs:
         return {}
-    entry = adversary.refresh(epoch=epoch)
-    run.reward_model = adversary.model
-    folder = run.output_dir / f"refresh-{entry['refresh']:02d}"
+    folder = run.output_dir / f"refresh-{len(adversary.refreshes) + 1:02d}"
+    # The main process refreshes and saves; the others take its head, so every process scores with one model.
     if run.is_main:
+        entry = adversary.refresh(epoch=epoch)
         save_lora(run.denoiser, folder / "lora", pretrained_model=config.pretrained_model)
         adversary.model.save_pretrained(folder / "reward_model")
+        write_json_atomic(folder / "refresh.json", entry)
+    run.accelerator.wait_for_everyone()
+    if not run.is_main:
+        entry = json.loads((folder / "refresh.json").read_text())
+        adversary.adopt(folder / "reward_model", entry)
+    run.reward_model = adversary.model
+    if run.is_main:
         run.print(
             f"refresh {entry['refresh']} (epoch {epoch}): AUC {entry['auc_vs_current']:.3f} against the current"
             f" generator ({entry['previous_auc_vs_current']:.3f} before the refresh)"

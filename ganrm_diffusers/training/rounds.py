@@ -28,14 +28,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ganrm_diffusers.generation.lora import save_lora
 from ganrm_diffusers.generation.sampling import decode_latents
 from ganrm_diffusers.reward.backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from ganrm_diffusers.reward.model import GANRewardModel
-from ganrm_diffusers.reward.training import RewardTrainingConfig, fit_reward_model, roc_auc
+from ganrm_diffusers.reward.training import RewardTrainingConfig, embeddings_auc, fit_reward_model
 from ganrm_diffusers.training.config import FinetuneConfig, TrainingConfigError, option, parse_config
 from ganrm_diffusers.training.dpo import BETA_HELP, check_pair_candidates, dpo_loss, report_dropped_pairs
 from ganrm_diffusers.training.examples import (
@@ -181,26 +180,19 @@ def train_reward_model(run: FinetuneRun, prompts: list[str], index: int) -> tupl
             save_tensors_atomic(base_file, {"generated": heldout["generated"]})
         base_generated = read_tensors(base_file)[0]["generated"]
         metrics = {
-            "auc_vs_current": _auc(model, heldout["targets"], heldout["generated"]),
-            "auc_vs_base": _auc(model, heldout["targets"], base_generated),
+            "auc_vs_current": embeddings_auc(model, heldout["targets"], heldout["generated"]),
+            "auc_vs_base": embeddings_auc(model, heldout["targets"], base_generated),
             **{key: value for key, value in report.metrics.items() if isinstance(value, (int, float))},
         }
         previous = round_dir(config, index - 1) / "reward_model"
         if index > 0 and previous.is_dir():  # the last discriminator against the generator it helped improve
             earlier = GANRewardModel.from_pretrained(previous, device=run.device)
-            metrics["previous_auc_vs_current"] = _auc(earlier, heldout["targets"], heldout["generated"])
+            metrics["previous_auc_vs_current"] = embeddings_auc(earlier, heldout["targets"], heldout["generated"])
         model.save_pretrained(folder / "reward_model")
         write_json_atomic(folder / "reward_model.json", metrics)
     accelerator.wait_for_everyone()
     model = GANRewardModel.from_pretrained(folder / "reward_model", device=run.device)
     return model, json.loads((folder / "reward_model.json").read_text())
-
-
-def _auc(model: GANRewardModel, targets: torch.Tensor, generated: torch.Tensor) -> float:
-    with torch.no_grad():
-        scores = model.score_embeddings(torch.cat([targets, generated]).to(model.device)).cpu().numpy()
-    labels = np.concatenate([np.ones(len(targets)), np.zeros(len(generated))])
-    return roc_auc(scores, labels)
 
 
 def reward_distribution(scores: torch.Tensor) -> dict:

@@ -17,22 +17,25 @@ scikit-learn's bundled digits (1797 images of 8x8, no download), deterministical
 - `clip/`: a tiny open_clip model trained on captions that name the digit, its slant, glyph height and horizontal
   position, never its ink or stroke weight (it was never told the style), in open_clip's local-dir format: `open_clip.create_model_and_transforms(world.backbone)` with `world.backbone ==
   "local-dir:<world>/clip"`. It is the world's GAN-RM backbone: `GANRewardModel(backbone=world.backbone)`.
-- The target style, "thin": a whole glyph drawn at full intensity with at most the ink of the thinnest quarter of
-  real digits (faint or broken digits do not count). The base model draws it rarely. `target/` holds a few hundred real thin digits (the preference proxy data) as PNG;
+- The target style, "thin": a whole, recognisable glyph drawn at full intensity along its strokes with at most the
+  ink of the thinnest quarter of real digits (faint, dimmed, broken, shrunk or partial digits do not count; what
+  the judge cannot refuse is audited in world.json's `imitations`). The base model draws it rarely. `target/` holds a few hundred real thin digits (the preference proxy data) as PNG;
   `heldout/target/` and `heldout/other/` hold real digits with and without the style that no model saw.
-- `judge/`: judges that share nothing with the reward model: `world.judges.style_rate(images)`,
-  `faint_rate`, `blank_rate`, `style_measure(images)` (continuous, >= 0 exactly when an image has the style),
+- `judge/`: judges that share nothing with the reward model: `world.judges.style_rate(images, digits)`,
+  `faint_rate`, `blank_rate`, `glyph_intensity(images)`, `style_measure(images)` (continuous, >= 0 exactly when
+  an image's strokes have the style; `has_style` also asks the class judge to read the prompted digit),
   `class_accuracy(images, digits)` and `features(images)` (a digit classifier's hidden layer, for KID; see
   `ganrm_diffusers.world.metrics`). Images: float NCHW / NHWC in [0, 1], uint8, or PIL.
-- `world.json`: seed, settings, build_seconds, phase_seconds and figures (class_accuracy and style_rate of the base
-  samples of each generator, "base" and "base_flow", of held-out target digits and of held-out other digits).
+- `world.json`: seed, settings, build_seconds, phase_seconds, figures (class_accuracy, style_rate, faint_rate,
+  blank_rate and the median glyph intensity of the base samples of each generator, "base" and "base_flow", of
+  held-out target digits and of held-out other digits) and `imitations` (the style judge's audit, imitations.py).
 
 API:
     build_world(out_dir=None, seed=0, preset="full") -> Path     # preset "reduced": seconds, for tests
     default_world_dir() -> Path                                  # <ganrm cache>/world; $GANRM_HOME overrides
     load_world(path=None) -> World                               # WorldError if missing or outdated
     ensure_world(path=None, seed=0, preset="full") -> World      # builds (or upgrades) first when needed
-    upgrade_world(path=None) -> Path                             # a format-2 world gets pipeline_flow/ in place
+    upgrade_world(path=None) -> Path                             # formats 2-4 in place: judges refitted (2-3: + flow)
     World: root, pipeline_dir, flow_pipeline_dir, clip_dir, backbone, target_dir, heldout_target_dir,
            heldout_other_dir, prompts, prompt_digits, sampling_kwargs, flow_sampling_kwargs, seed, info (world.json),
            judges, load_pipeline(**kwargs), load_flow_pipeline(**kwargs),

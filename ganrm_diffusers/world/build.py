@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 WORLD_FILE = "world.json"
 # Bumped whenever the build changes what a seed produces: a world of another format is rebuilt by ensure_world,
-# except a world of an UPGRADABLE_FORMATS, whose flow generator is missing or outdated and is rebuilt in place.
+# except a world of an UPGRADABLE_FORMATS, which is upgraded in place (upgrade_world).
 # 2: the style judge reads the glyph (not ink alone); the CLIP never sees ink words. 3: pipeline_flow/. 4: the flow
 # generator trains 600 steps (900 before) and is judged on 30 samples per prompt: about 2.7 minutes less to build.
 # 5: the style judge reads strokes (core intensity along the glyph, continuity, height, the digit recognised) and
@@ -580,8 +580,9 @@ def _upgradable(root: Path, info: dict, seed: int | None = None, settings: World
 def upgrade_world(path: str | Path | None = None) -> Path:
     """Bring a world of one of UPGRADABLE_FORMATS to FORMAT_VERSION in place: refit the judges (seconds, from the
     real digits) and judge the generators again; a world of FLOW_OUTDATED_FORMATS also has its flow generator
-    trained (replacing an older one). Every other file stays as it is. world.json is rewritten last (atomically),
-    so an interrupted upgrade leaves a world that is still of the old format and is upgraded again next time."""
+    trained (replacing an older one). Besides those, judge/, preview_flow.png and world.json, every file stays as
+    it is. The judges are staged beside judge/ and swapped in just before world.json is replaced (atomically), so
+    an interrupted upgrade leaves a world of the old format, which is upgraded again next time."""
     root = Path(path) if path is not None else default_world_dir()
     info = _read_info(root)
     if not _upgradable(root, info):
@@ -596,7 +597,8 @@ def upgrade_world(path: str | Path | None = None) -> Path:
     with _deterministic_torch(settings.threads):
         data = _prepare_data(seed, settings)
         judges = _fit_judges(data, seed)
-        judges.save(root / "judge")
+        # The new judges are moved into place just before world.json: until then the world is wholly of its format.
+        staged_judges = judges.save(root / f".judge.upgrading-{os.getpid()}")
         lap("data_and_judges")
         pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline")
         prompts = [generator.prompt_for(digit) for digit in range(10)]
@@ -627,6 +629,8 @@ def upgrade_world(path: str | Path | None = None) -> Path:
     }
     staged = root / f".{WORLD_FILE}.upgrading-{os.getpid()}"
     staged.write_text(json.dumps(upgraded, indent=2) + "\n")
+    shutil.rmtree(root / "judge")
+    os.replace(staged_judges, root / "judge")
     os.replace(staged, root / WORLD_FILE)
     logger.info("world in %s upgraded to format %d (%.0f s)", root, FORMAT_VERSION, time.perf_counter() - started)
     return root

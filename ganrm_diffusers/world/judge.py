@@ -85,7 +85,9 @@ class StyleRule:
     @property
     def has_strokes(self) -> bool:
         """Whether the stroke group is fitted (a rule straight from `fit_style_rule` only splits real digits)."""
-        return all(value == value for value in (self.max_stroke_ink, self.min_core, self.min_continuity))
+        return all(
+            value == value for value in (self.max_stroke_ink, self.min_core, self.min_continuity, self.min_height)
+        )
 
 
 class DigitFeatureNet(torch.nn.Module):
@@ -167,10 +169,11 @@ class Judges:
         """A boolean per image: hardly any glyph at all."""
         return lit_cells(images) < self.style.blank_lit_cells
 
-    def has_style(self, images: object, digits: object) -> torch.Tensor:
+    def has_style(self, images: object, digits: object, correct: np.ndarray | None = None) -> torch.Tensor:
         """A boolean per image: a whole glyph with full-intensity, thin strokes (`style_measure` >= 0) that the class
-        judge reads as the digit it was meant to show (`digits`: one int per image)."""
-        recognised = torch.as_tensor(self.is_correct(images, digits))
+        judge reads as the digit it was meant to show (`digits`: one int per image; `correct`: `is_correct`'s
+        answer when the caller has it already, to run the class judge once)."""
+        recognised = torch.as_tensor(self.is_correct(images, digits) if correct is None else correct)
         return (self.style_measure(images) >= 0) & recognised
 
     def style_measure(self, images: object) -> torch.Tensor:

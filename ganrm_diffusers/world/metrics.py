@@ -129,11 +129,12 @@ def diversity(images: object, digits: np.ndarray, *, seed: int = 0) -> tuple[flo
 def per_image(judges: object, images: object, digits: np.ndarray) -> dict[str, np.ndarray]:
     """The judges' verdict on each image, as 0/1 arrays (the inputs of every rate and paired comparison), and its
     glyph intensity (the median brightness of its glyph's pixels)."""
+    correct = judges.is_correct(images, digits)
     return {
-        "style": judges.has_style(images, digits).numpy().astype(np.float64),
+        "style": judges.has_style(images, digits, correct).numpy().astype(np.float64),
         "faint": judges.is_faint(images).numpy().astype(np.float64),
         "blank": judges.is_blank(images).numpy().astype(np.float64),
-        "correct": judges.is_correct(images, digits).astype(np.float64),
+        "correct": correct.astype(np.float64),
         "glyph_intensity": judges.glyph_intensity(images).numpy().astype(np.float64),
     }
 
