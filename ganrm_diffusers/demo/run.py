@@ -56,11 +56,13 @@ from ganrm_diffusers.world.samples import EvaluationPlan, SampleSet, sample_digi
 # and the round loop (`rounds`, DPO at the DPO row's total steps split over FLOW_ROUNDS rounds); each stage judged
 # on the evaluation set (families.sd3_flow.rounds, `<family>_<loop>_monitors.png`). It needs "flow_finetune".
 METHOD_GROUPS = ("selection", "fk", "flow", "flow_finetune", "flow_adversarial", "sft", "dpo", "prdp", "rounds")
-# `make demo` (`ganrm demo` without --methods) runs these, chosen for the 45-minute budget on 2 CPU cores from a
-# fresh clone, world build (14-19 of them) included: best-of-N and pruning on both generators, and SFT, DPO and PRDP
-# on the flow-matching one, today's model family (`make demo` measured from a fresh clone: 35.2 minutes, 2.2 of them
-# the venv, on a fast morning, 2026-12-03; these machines run up to a quarter slower later in a day; report.json
-# `timing` has each run's stages). The other groups are opt-in (`--methods` adds them): "fk" (the
+# `make demo` (`ganrm demo` without --methods) runs these, chosen for the 60-minute budget on 2 CPU cores from a
+# fresh clone, world build (14-19 of them) included: best-of-N and pruning on both generators, and SFT, DPO, PRDP
+# and GAN-RM's adversarial loop on the flow-matching one, today's model family. Measured 2026-12-08 on a world
+# upgraded in place (not built): 34.1 minutes, of which the flow stage 29.2 and the adversarial loop about 16 of
+# those (the round loop most: 4 fresh rounds of 1 600 candidates each); from a fresh clone that is about 50 minutes
+# on a fast day, so a slow one (up to a quarter slower) is at the 60-minute bar. report.json `timing` has each
+# run's stages. The other groups are opt-in (`--methods` adds them): "fk" (the
 # stochastic runs, about 23 CPU minutes), and the UNet generator's "sft", "dpo", "prdp" and "rounds" (GAN-RM's round
 # loop), 24 CPU minutes together in the last full run, whose figures are in the issue notes.
 DEFAULT_METHODS = ("selection", "flow", "flow_finetune", "flow_adversarial")
