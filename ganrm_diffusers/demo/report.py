@@ -66,6 +66,16 @@ def goals(methods: dict[str, dict], num_candidates: int = 8) -> list[dict]:
     return checks
 
 
+def bars_held(row: dict, base: dict) -> bool:
+    """Whether a row keeps the bars every method is held to: faint and blank rates within 2 points of `base`,
+    class accuracy within 3 points."""
+    return (
+        row["faint_rate"] - base["faint_rate"] <= 0.02
+        and row["blank_rate"] - base["blank_rate"] <= 0.02
+        and base["class_accuracy"] - row["class_accuracy"] <= 0.03
+    )
+
+
 # The adversarial loops' rows and the fixed-reward rows they are measured against (the same training budget).
 LOOP_BASELINES = {"rounds": "dpo", "prdp_adversarial": "prdp"}
 
@@ -112,16 +122,11 @@ def loop_goals(methods: dict[str, dict], stages: list[dict]) -> list[dict]:
             check(f"{loop} style rate - {fixed} (same budget), at equal or lower faint", gain, "> 0", met)
     if "prdp_adversarial" in methods:
         row = methods["prdp_adversarial"]
-        held = (
-            row["faint_rate"] - base["faint_rate"] <= 0.02
-            and row["blank_rate"] - base["blank_rate"] <= 0.02
-            and base["class_accuracy"] - row["class_accuracy"] <= 0.03
-        )
         check(
             "prdp_adversarial style rate / base, with faint, blank and class bars held",
             row["style_ratio"],
             ">= 4",
-            row["style_ratio"] >= 4 and held,
+            row["style_ratio"] >= 4 and bars_held(row, base),
             row.get("style_ratio_ci95"),
         )
     return checks

@@ -29,7 +29,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ganrm_diffusers.demo.generators import FLOW_FAMILY, Generator
-from ganrm_diffusers.demo.report import goals, loop_goals, write_report
+from ganrm_diffusers.demo.report import bars_held, goals, loop_goals, write_report
 from ganrm_diffusers.generation.selection import select_top_k
 from ganrm_diffusers.reward.model import GANRewardModel
 from ganrm_diffusers.reward.training import RewardTrainingConfig, fit_reward_model, roc_auc, save_training_outputs
@@ -732,7 +732,6 @@ def _loop_stages(
     previous discriminator's on the same images (`previous_auc_vs_current`, the hacking alarm); drawn as curves in
     `<family>_<loop>_monitors.png`. The last stage's LoRA is the run's final one, whose evaluation samples (`final`,
     the loop's row) are reused."""
-    from ganrm_diffusers.generation.lora import load_lora_into_pipeline
     from ganrm_diffusers.utils.plots import plot_metric_curves
 
     run_dir = Path(info["run_dir"])
@@ -745,11 +744,9 @@ def _loop_stages(
     for index, (entry, lora) in enumerate(stages):
         samples = final
         if index < len(stages) - 1:
-            pipe = generator.load()
-            load_lora_into_pipeline(pipe, lora)
-            pipe.fuse_lora()
-            label = generator.label(f"{loop} stage {index + 1}")
-            samples = sample_digits(pipe, world, settings.evaluation, settings.batch_size, label, generator.sampling)
+            samples = generator.sample_with_lora(
+                lora, settings.evaluation, settings.batch_size, f"{loop} stage {index + 1}"
+            )
         judged = evaluate(world.judges, samples.images, samples.digits, rows.reference)
         entries.append(
             {
@@ -851,7 +848,6 @@ def _round_by_round(world: object, rows: Rows, settings: DemoSettings, info: dic
     """Each round's generator G_{t+1} (its round's LoRA) judged on the evaluation set, beside its discriminator's
     held-out AUCs against the generator it was trained on (G_t) and against the base (G_0); drawn as curves. The
     last round's LoRA is the run's final one, whose evaluation samples (`final`, the `rounds` row) are reused."""
-    from ganrm_diffusers.generation.lora import load_lora_into_pipeline
     from ganrm_diffusers.utils.plots import plot_metric_curves
 
     run_dir = Path(info["run_dir"])
@@ -860,10 +856,10 @@ def _round_by_round(world: object, rows: Rows, settings: DemoSettings, info: dic
     for entry in summary["rounds"]:
         samples = final
         if entry is not summary["rounds"][-1]:
-            pipe = Generator.unet(world).load()
-            load_lora_into_pipeline(pipe, run_dir / f"round-{entry['round']:02d}" / "lora")
-            pipe.fuse_lora()
-            samples = sample_digits(pipe, world, settings.evaluation, settings.batch_size, f"round {entry['round']}")
+            lora = run_dir / f"round-{entry['round']:02d}" / "lora"
+            samples = Generator.unet(world).sample_with_lora(
+                lora, settings.evaluation, settings.batch_size, f"round {entry['round']}"
+            )
         judged = evaluate(world.judges, samples.images, samples.digits, rows.reference)
         entries.append(
             {
@@ -943,14 +939,7 @@ def _tune_finetune(
 def _choose(results: dict[str, dict], base: dict) -> str:
     """TUNING_RULE; when no candidate holds the bars, the one closest to them (fewest points lost)."""
 
-    def held(row: dict) -> bool:
-        return (
-            row["faint_rate"] - base["faint_rate"] <= 0.02
-            and row["blank_rate"] - base["blank_rate"] <= 0.02
-            and base["class_accuracy"] - row["class_accuracy"] <= 0.03
-        )
-
-    holding = [label for label, row in results.items() if held(row)]
+    holding = [label for label, row in results.items() if bars_held(row, base)]
     if holding:
         return max(holding, key=lambda label: results[label]["style_rate"])
     return min(results, key=lambda label: base["class_accuracy"] - results[label]["class_accuracy"])

@@ -34,7 +34,6 @@ from safetensors.torch import load_file, save_file
 from sklearn.svm import SVC
 
 from ganrm_diffusers.utils.errors import CheckpointError
-from ganrm_diffusers.utils.images import to_pixels
 from ganrm_diffusers.world.style import (
     STROKE_GRID,
     digit_grid,
@@ -45,6 +44,7 @@ from ganrm_diffusers.world.style import (
     peak,
     stroke_continuity,
     stroke_core,
+    stroke_grid,
     stroke_ink,
 )
 
@@ -105,8 +105,7 @@ class DigitFeatureNet(torch.nn.Module):
 
     @staticmethod
     def grid(images: object) -> torch.Tensor:
-        gray = to_pixels(images).cpu().float().mean(dim=1, keepdim=True)
-        return F.adaptive_avg_pool2d(gray, STROKE_GRID).flatten(1)
+        return stroke_grid(images).flatten(1)
 
     def features(self, images: object) -> torch.Tensor:
         with torch.no_grad():

@@ -65,8 +65,7 @@ def ink(images: object) -> torch.Tensor:
 def peak(images: object) -> torch.Tensor:
     """The brightest pixel of each image on the world's 16 px grid: a real stroke reaches full intensity at its
     core however thin it is, a dimmed or faint glyph does not."""
-    gray = to_pixels(images).cpu().mean(dim=1, keepdim=True)
-    return F.adaptive_avg_pool2d(gray, STROKE_GRID).flatten(1).amax(dim=1)
+    return stroke_grid(images).flatten(1).amax(dim=1)
 
 
 def lit_cells(images: object) -> torch.Tensor:
